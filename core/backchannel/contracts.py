@@ -1,0 +1,103 @@
+"""Message contracts: the JSON codec, packaged JSON Schemas, compiled validators.
+
+Validators are compiled once (``jsonschema-rs``) and reused for every message.
+Errors shown to clients are built from the JSON path and the failed rule, never
+from the validator's own message, which embeds the offending value.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from typing import Any
+
+import jsonschema_rs
+import orjson
+
+__all__ = [
+    "Validator",
+    "compile_schema",
+    "decode",
+    "encode",
+    "format_path",
+    "load_schema",
+    "rule",
+    "violations",
+]
+
+decode = orjson.loads
+encode = orjson.dumps
+Validator = jsonschema_rs.Draft202012Validator
+
+_RULES: dict[str, str] = {
+    "MaxLength": "longer than {limit} characters",
+    "MinLength": "shorter than {limit} characters",
+    "Maximum": "greater than {limit}",
+    "Minimum": "less than {limit}",
+    "ExclusiveMaximum": "not less than {limit}",
+    "ExclusiveMinimum": "not greater than {limit}",
+    "MaxItems": "more than {limit} items",
+    "MinItems": "fewer than {limit} items",
+    "MaxProperties": "more than {limit} properties",
+    "MinProperties": "fewer than {limit} properties",
+    "Pattern": "does not match {pattern}",
+    "Required": "missing required property {property!r}",
+    "Type": "must be of type {types_text}",
+    "Enum": "must be one of {options_text}",
+    "Constant": "must be {expected_value!r}",
+}
+_UNEXPECTED = re.compile(r"'([^']{1,64})'")
+
+
+def load_schema(package: str, name: str) -> dict[str, Any]:
+    """Read JSON Schema ``name`` shipped in ``package``'s ``schemas`` directory."""
+    data = files(package).joinpath("schemas", name).read_bytes()
+    schema: dict[str, Any] = orjson.loads(data)
+    return schema
+
+
+def compile_schema(schema: dict[str, Any]) -> Validator:
+    """Compile a 2020-12 schema once; reuse the validator for every message."""
+    return jsonschema_rs.Draft202012Validator(schema)
+
+
+def format_path(parts: list[str | int] | tuple[str | int, ...], prefix: str = "") -> str:
+    """Dotted JSON path: ``content.items[2].text``."""
+    out = prefix
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = f"{out}.{part}" if out else str(part)
+    return out or "(root)"
+
+
+def rule(error: jsonschema_rs.ValidationError) -> str:
+    """The failed rule in words, without the offending value."""
+    kind = error.kind
+    name = type(kind).__name__
+    if name == "AdditionalProperties":
+        names = _UNEXPECTED.findall(error.message)[:5]
+        return "unexpected properties: " + ", ".join(names) if names else "unexpected property"
+    template = _RULES.get(name)
+    if template is None:
+        return f"fails rule {name}"
+    data = dict(kind.as_dict())
+    data["types_text"] = " or ".join(data.get("types", []))
+    data["options_text"] = ", ".join(repr(o) for o in data.get("options", []))
+    try:
+        return template.format(**data)
+    except (KeyError, IndexError):  # a kind whose fields changed upstream
+        return f"fails rule {name}"
+
+
+def violations(
+    validator: Validator, instance: Any, prefix: str = "", limit: int = 10
+) -> list[dict[str, str]]:
+    """The first ``limit`` failures as ``{"path", "rule"}`` objects, safe to show."""
+    found = []
+    for error in validator.iter_errors(instance):
+        found.append({"path": format_path(list(error.instance_path), prefix), "rule": rule(error)})
+        if len(found) >= limit:
+            break
+    return found

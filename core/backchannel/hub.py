@@ -1,0 +1,489 @@
+"""Connections and sessions: what the kernel knows about each client.
+
+A :class:`Connection` is one WebSocket; a :class:`Session` is the client's
+conversation, which numbers every server frame (``seq``) and outlives a
+connection. Drivers own the bytes (:class:`Transport`); the :class:`Hub` owns the
+set of connections, the periodic heartbeat/timeout/slow-consumer checks and
+graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import orjson
+
+from .contracts import decode, encode, violations
+from .errors import BackchannelError, CloseCode, ErrorCode, Reject
+from .hooks import HookFailed
+from .http import HttpRequest
+from .model import Message, Principal, Stash
+from .runtime import Interruptible, Runtime
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["Connection", "Hub", "Job", "Session", "Transport", "now_iso"]
+
+log = logging.getLogger("backchannel.connection")
+
+_BOOT = os.urandom(3).hex()
+_frame_ids = itertools.count(1)
+_ts_ms = -1
+_ts_text = ""
+
+
+def now_iso() -> str:
+    """UTC timestamp with milliseconds, cached per millisecond (hot path)."""
+    global _ts_ms, _ts_text
+    now = time.time()
+    ms = int(now * 1000)
+    if ms != _ts_ms:
+        _ts_ms = ms
+        _ts_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{ms % 1000:03d}Z"
+    return _ts_text
+
+
+class Transport(Protocol):
+    """What a driver offers a connection."""
+
+    #: monotonic time the peer stopped reading (send buffer full), else None.
+    blocked_since: float | None
+
+    def write(self, data: bytes) -> None:
+        """Send one text message (encoded JSON)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; abort the TCP connection if it does not finish."""
+
+    def heartbeat(self, now: float, interval: float, timeout: float) -> bool:
+        """Ping when ``interval`` passed since the last one; False when a ping is
+        unanswered for longer than ``timeout``."""
+
+
+class Session:
+    """A client's conversation: numbers frames with ``seq`` and outlives connections."""
+
+    __slots__ = ("id", "principal_id", "seq", "connection", "stash")
+
+    def __init__(self, principal_id: str) -> None:
+        self.id = "s-" + os.urandom(12).hex()
+        self.principal_id = principal_id
+        self.seq = 0
+        self.connection: Connection | None = None
+        self.stash = Stash()
+
+
+class Job(Interruptible):
+    """One request being handled: its message and its deadline."""
+
+    __slots__ = ("message", "deadline", "connection", "result")
+
+    def __init__(self, message: Message, connection: Connection) -> None:
+        super().__init__()
+        self.message = message
+        self.connection = connection
+        self.deadline = 0.0
+        self.result: Any = None
+
+
+class Connection:
+    """One client WebSocket as plugins see it (never a ``websockets`` object).
+
+    Attributes: ``id``, ``request`` (path, query, headers of the handshake),
+    ``remote`` (address, port), ``principal``, ``session``, ``stash`` (per-plugin
+    state), ``opened_at`` (``time.time()``), ``close_code`` once closed.
+    """
+
+    __slots__ = (
+        "id",
+        "app",
+        "hub",
+        "request",
+        "remote",
+        "transport",
+        "principal",
+        "session",
+        "stash",
+        "opened_at",
+        "close_code",
+        "accepted",
+        "_queue",
+        "_signal",
+        "_jobs",
+        "_in_flight",
+        "_closing",
+        "runtime",
+    )
+
+    def __init__(
+        self, app: App, request: HttpRequest, transport: Transport, runtime: Runtime
+    ) -> None:
+        self.app = app
+        self.hub = app.hub
+        self.id = "c-" + os.urandom(8).hex()
+        self.request = request
+        self.remote = request.remote
+        self.transport = transport
+        self.runtime = runtime
+        self.principal: Principal | None = None
+        self.session = Session("")
+        self.session.connection = self
+        self.stash = Stash()
+        self.opened_at = time.time()
+        self.close_code: int | None = None
+        self.accepted = False
+        self._queue: deque[Message] = deque()
+        self._signal = runtime.signal()
+        self._jobs: dict[str, Job] = {}
+        self._in_flight = 0
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} session={self.session.id}>"
+
+    # ------------------------------------------------------------------ output
+
+    def send(self, type: str, content: Any, reply_to: str | None = None) -> int:
+        """Send one frame to this connection's session; returns its ``seq``.
+
+        Raises ``TypeError`` (and sends nothing) when ``content`` is not JSON.
+        """
+        session = self.session
+        seq = session.seq + 1
+        frame: dict[str, Any] = {"id": f"{_BOOT}-{next(_frame_ids)}", "type": type}
+        if reply_to is not None or type == "error":
+            frame["replyTo"] = reply_to
+        frame["content"] = content
+        frame["seq"] = seq
+        frame["timestamp"] = now_iso()
+        data = encode(frame)
+        session.seq = seq
+        if self.close_code is None:
+            self.transport.write(data)
+        self.hub.frames_sent += 1
+        if self.app.pipeline.observe_sent:
+            self.app.hooks.notify("message_sent", connection=self, frame=frame)
+        return seq
+
+    def send_error(
+        self, reply_to: str | None, error: BackchannelError, message: Message | None = None
+    ) -> None:
+        """Answer with an ``error`` frame; log it with ids, count it, notify observers."""
+        self.hub.count_error(error.code.value)
+        level = logging.WARNING if error.code in _SERVER_SIDE else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "error %s conn=%s session=%s msg=%s: %s",
+                error.code.value,
+                self.id,
+                self.session.id,
+                reply_to,
+                error.message,
+                extra={
+                    "connection_id": self.id,
+                    "session_id": self.session.id,
+                    "message_id": reply_to,
+                    "code": error.code.value,
+                },
+            )
+        self.send("error", error.content(), reply_to)
+        if self.app.pipeline.observe_errors:
+            self.app.hooks.notify("error", connection=self, message_id=reply_to, error=error)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close this connection with ``code`` (its session lives on)."""
+        if self.close_code is None and not self._closing:
+            self._closing = True
+            log.info(
+                "closing conn=%s code=%d %s",
+                self.id,
+                code,
+                reason,
+                extra={"connection_id": self.id, "close_code": code},
+            )
+            self.transport.close(code, reason)
+
+    # ------------------------------------------------------------------- input
+
+    def on_message(self, payload: str | bytes) -> None:
+        """A complete WebSocket message arrived (called by the driver)."""
+        hub = self.hub
+        hub.frames_received += 1
+        if type(payload) is not str:
+            self.send_error(
+                None,
+                BackchannelError(
+                    ErrorCode.BAD_JSON, "binary frames are not part of protocol v1; send JSON text"
+                ),
+            )
+            return
+        try:
+            data = decode(payload)
+        except orjson.JSONDecodeError as exc:
+            why = "nested too deeply" if "depth" in str(exc) else "not valid JSON"
+            self.send_error(None, BackchannelError(ErrorCode.BAD_JSON, f"message is {why}"))
+            return
+        pipeline = self.app.pipeline
+        if type(data) is not dict or not pipeline.envelope.is_valid(data):
+            self._bad_envelope(data)
+            return
+        message = Message(
+            data["id"],
+            data["type"],
+            data.get("content") or {},
+            data.get("sessionId"),
+            data.get("timestamp"),
+            len(payload),
+        )
+        if message.type == "cancel":
+            self._cancel(message)
+            return
+        if hub.shutting_down:
+            self.send_error(
+                message.id,
+                BackchannelError(ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect"),
+            )
+            return
+        if len(self._queue) >= pipeline.max_queued:
+            self.send_error(
+                message.id,
+                BackchannelError(ErrorCode.OVERLOADED, "too many requests waiting; retry later"),
+            )
+            return
+        self._queue.append(message)
+        self._signal.set()
+
+    def _bad_envelope(self, data: Any) -> None:
+        reply_to = None
+        if type(data) is not dict:
+            error = BackchannelError(ErrorCode.INVALID_ENVELOPE, "message must be a JSON object")
+        else:
+            ident = data.get("id")
+            if type(ident) is str and 0 < len(ident) <= 128:
+                reply_to = ident
+            details = violations(self.app.pipeline.envelope, data)
+            text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
+            error = BackchannelError(ErrorCode.INVALID_ENVELOPE, text, details=details)
+        self.send_error(reply_to, error)
+
+    def _cancel(self, message: Message) -> None:
+        target = message.content.get("target")
+        if type(target) is not str:
+            self.send_error(
+                message.id,
+                BackchannelError(
+                    ErrorCode.VALIDATION_FAILED,
+                    "content.target: must be of type string",
+                    details=[{"path": "content.target", "rule": "must be of type string"}],
+                ),
+            )
+            return
+        cancelled = False
+        for queued in self._queue:
+            if queued.id == target:
+                self._queue.remove(queued)
+                self.send_error(
+                    target, BackchannelError(ErrorCode.CANCELLED, "cancelled by the client")
+                )
+                cancelled = True
+                break
+        job = self._jobs.get(target)
+        if job is not None:
+            self.runtime.interrupt(job, "cancelled")
+            cancelled = True
+        self.send("ack", {"target": target, "cancelled": cancelled}, message.id)
+
+    def on_closed(self, code: int) -> None:
+        """The transport is gone (called by the driver, once)."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self._signal.set()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """The connection's task: admit it, then handle its requests in order."""
+        hub = self.hub
+        app = self.app
+        try:
+            if not await self._admit():
+                return
+            hub.add(self)
+            self.accepted = True
+            app.hooks.notify("connection_added", connection=self)
+            await self._serve()
+        finally:
+            if self.accepted:
+                hub.remove(self)
+                code = self.close_code if self.close_code is not None else 1006
+                await app.hooks.notify_async("disconnect", connection=self, code=code)
+                app.hooks.notify("connection_removed", connection=self, code=code)
+
+    async def _admit(self) -> bool:
+        app = self.app
+        hub = self.hub
+        if hub.active >= app.config["server"]["max_connections"]:
+            hub.count_close(CloseCode.TRY_AGAIN_LATER)
+            self.close(CloseCode.TRY_AGAIN_LATER, "server is at max_connections")
+            return False
+        try:
+            principal = await app.hooks.call_first("authenticate", connection=self)
+            if principal is None:
+                auth = app.config["auth"]
+                if not auth["allow_anonymous"]:
+                    raise Reject(CloseCode.UNAUTHORIZED, "authentication required")
+                principal = Principal(
+                    "anonymous:" + self.id[2:],
+                    frozenset(auth["anonymous_permissions"]),
+                    anonymous=True,
+                )
+            self.principal = principal
+            self.session.principal_id = principal.id
+            await app.hooks.call_all("connect", connection=self)
+        except Reject as exc:
+            hub.count_close(exc.code)
+            self.close(exc.code, exc.reason)
+            return False
+        except HookFailed as exc:
+            app.hooks.record_failure(exc.hook, exc.plugin)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            return False
+        return self.close_code is None
+
+    async def _serve(self) -> None:
+        pipeline = self.app.pipeline
+        queue = self._queue
+        limit = pipeline.max_in_flight
+        while True:
+            while not queue:
+                if self.close_code is not None:
+                    return
+                await self._signal.wait()
+            message = queue.popleft()
+            if limit == 1:
+                await self._handle(message, pipeline)
+                continue
+            while self._in_flight >= limit:
+                await self._signal.wait()
+            self._in_flight += 1
+            self.runtime.spawn(self._handle_concurrent, message, pipeline)
+
+    async def _handle_concurrent(self, message: Message, pipeline: Any) -> None:
+        try:
+            await self._handle(message, pipeline)
+        finally:
+            self._in_flight -= 1
+            self._signal.set()
+
+    async def _handle(self, message: Message, pipeline: Any) -> None:
+        job = Job(message, self)
+        self._jobs[message.id] = job
+        hub = self.hub
+        hub.running.add(job)
+        try:
+            await pipeline.process(self, job)
+        finally:
+            hub.running.discard(job)
+            self._jobs.pop(message.id, None)
+
+    def jobs(self) -> Iterator[Job]:
+        """Requests being handled now."""
+        return iter(list(self._jobs.values()))
+
+
+_SERVER_SIDE = frozenset({ErrorCode.HANDLER_ERROR, ErrorCode.TIMEOUT, ErrorCode.OVERLOADED})
+
+
+class Hub:
+    """Every live connection of one App, and the periodic checks over them."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.connections: dict[str, Connection] = {}
+        self.running: set[Job] = set()
+        self.shutting_down = False
+        self.total = 0
+        self.peak = 0
+        self.frames_received = 0
+        self.frames_sent = 0
+        self.errors: dict[str, int] = {}
+        self.closes: dict[int, int] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+    def add(self, connection: Connection) -> None:
+        self.connections[connection.id] = connection
+        self.total += 1
+        self.peak = max(self.peak, len(self.connections))
+
+    def remove(self, connection: Connection) -> None:
+        self.connections.pop(connection.id, None)
+        code = connection.close_code or 1006
+        self.count_close(code)
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_close(self, code: int) -> None:
+        self.closes[code] = self.closes.get(code, 0) + 1
+
+    def tick_interval(self) -> float:
+        cfg = self.app.config
+        return max(
+            0.01,
+            min(0.25, cfg["message"]["timeout"] / 10, cfg["heartbeat"]["interval"] / 4),
+        )
+
+    async def watch(self) -> None:
+        """Forever: time out handlers and close slow consumers (one tick for all)."""
+        slow_after = self.app.config["connection"]["slow_consumer_timeout"]
+        interval = self.tick_interval()
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for job in list(self.running):
+                if job.deadline and now > job.deadline:
+                    job.connection.runtime.interrupt(job, "timeout")
+            for conn in list(self.connections.values()):
+                blocked = conn.transport.blocked_since
+                if blocked is not None and now - blocked > slow_after:
+                    self.app.slow_consumer(conn)
+
+    async def heartbeat(self) -> None:
+        """Forever: ping every connection each ``heartbeat.interval``; close silent ones 1011."""
+        cfg = self.app.config["heartbeat"]
+        interval, timeout = cfg["interval"], cfg["timeout"]
+        while True:
+            await anyio.sleep(min(interval, timeout) / 2)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if not conn.transport.heartbeat(now, interval, timeout):
+                    conn.close(CloseCode.INTERNAL_ERROR, "heartbeat timeout")
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: warn every client, give handlers ``grace`` seconds, then close 1001."""
+        self.shutting_down = True
+        for conn in list(self.connections.values()):
+            try:
+                conn.send("system", {"event": "going_away", "reconnect": True})
+            except Exception:  # never let one connection stop the shutdown
+                log.exception("going-away notice failed conn=%s", conn.id)
+        with anyio.move_on_after(grace):
+            while self.running:
+                await anyio.sleep(0.01)
+        for job in list(self.running):
+            job.connection.runtime.interrupt(job, "shutting_down")
+        for conn in list(self.connections.values()):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down")

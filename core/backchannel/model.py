@@ -1,0 +1,90 @@
+"""Plain data the kernel hands to plugins: messages, principals, per-object stashes."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
+
+__all__ = ["Message", "Principal", "Reply", "Stash", "StashKey"]
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Message:
+    """One client request, after the envelope contract has accepted it."""
+
+    id: str
+    type: str
+    content: dict[str, Any]
+    session_id: str | None = None
+    timestamp: str | None = None
+    size: int = 0
+
+
+@dataclass(slots=True)
+class Reply:
+    """A handler's answer when it wants another frame type than the request's.
+
+    A handler returning a plain dict answers with a frame of the request's own type;
+    ``Reply("pong", {...})`` answers with type ``pong``.
+    """
+
+    type: str
+    content: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is on the other end of a connection.
+
+    ``permissions`` holds exact names or shell-style patterns (``rooms:join:support-*``);
+    ``"*"`` allows everything.
+    """
+
+    id: str
+    permissions: frozenset[str] = frozenset({"*"})
+    anonymous: bool = False
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def allows(self, permission: str) -> bool:
+        """Whether this principal holds ``permission`` (directly or through a pattern)."""
+        if "*" in self.permissions or permission in self.permissions:
+            return True
+        return any(fnmatch.fnmatchcase(permission, p) for p in self.permissions)
+
+
+class StashKey(Generic[T]):
+    """A typed key for :class:`Stash`; create one per plugin per kind of state."""
+
+    __slots__ = ()
+
+
+class Stash:
+    """Per-plugin state on a shared object (a connection, a session) under typed keys."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: dict[StashKey[Any], object] = {}
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return cast(T, self._data[key])
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._data[key] = value
+
+    def __delitem__(self, key: StashKey[T]) -> None:
+        del self._data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def get(self, key: StashKey[T], default: T) -> T:
+        """The value under ``key``, or ``default``."""
+        return cast(T, self._data.get(key, default))
+
+    def setdefault(self, key: StashKey[T], default: T) -> T:
+        """The value under ``key``, storing ``default`` first when absent."""
+        return cast(T, self._data.setdefault(key, default))

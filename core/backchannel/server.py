@@ -1,0 +1,388 @@
+"""The standalone server: TCP listeners and the drivers that feed :class:`~backchannel.websocket.Wire`.
+
+Two drivers give the same behaviour:
+
+* :class:`AsyncioDriver`, an ``asyncio.Protocol`` (the fast path: no task per
+  read, writes go straight to the transport, backpressure from
+  ``pause_writing``);
+* :class:`AnyioDriver`, on anyio byte streams (Trio, and anything anyio runs on),
+  with a reader and a writer task per connection.
+
+Each owns the handshake timeout, the closing timeout and the send-side
+backpressure signal (``blocked_since``). What happens with a message is up to the
+:class:`Endpoint` the factory makes (the kernel's ``Connection``, or a test echo).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from .http import HttpRequest, HttpResponse, RouteHandler
+from .runtime import AnyioRuntime, AsyncioRuntime, Runtime
+from .websocket import Wire
+
+__all__ = ["AnyioDriver", "AsyncioDriver", "Endpoint", "ServerOptions", "serve_anyio", "serve_asyncio"]
+
+log = logging.getLogger("backchannel.server")
+
+
+class Endpoint(Protocol):
+    """The message side of one accepted WebSocket."""
+
+    def on_message(self, payload: str | bytes) -> None: ...
+
+    def on_closed(self, code: int) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+EndpointFactory = Callable[[HttpRequest, Any, Runtime], Endpoint]
+
+
+@dataclass
+class ServerOptions:
+    """What the drivers need to know (taken from ``[server]`` config by the App)."""
+
+    endpoint: EndpointFactory
+    ws_path: str = "/ws"
+    max_size: int | None = 65536
+    origins: list[str] | None = None
+    handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
+    routes: dict[str, RouteHandler] = field(default_factory=dict)
+    on_connection: Callable[[], bool] = lambda: True
+
+
+def _is_upgrade(request: HttpRequest) -> bool:
+    return "websocket" in request.headers.get("upgrade", "").lower()
+
+
+async def _route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
+    handler = options.routes.get(request.path)
+    if handler is None:
+        return HttpResponse(404, b"not found\n")
+    try:
+        result = handler(request)
+        if isinstance(result, Awaitable):
+            result = await result
+        assert isinstance(result, HttpResponse)
+        return result
+    except Exception:
+        log.exception("HTTP route %s failed", request.path)
+        return HttpResponse(500, b"internal error\n")
+
+
+class _DriverBase:
+    """State and sink logic both drivers share."""
+
+    wire: Wire
+    endpoint: Endpoint | None
+    options: ServerOptions
+    remote: tuple[str, int] | None
+    blocked_since: float | None
+    _ping_at: float
+
+    def _init(self, options: ServerOptions) -> None:
+        self.options = options
+        self.wire = Wire(self, max_size=options.max_size, origins=options.origins)
+        self.endpoint = None
+        self.blocked_since = None
+        self._ping_at = time.monotonic()
+
+    # WireSink
+    def on_request(self, request: HttpRequest) -> None:
+        request.remote = self.remote
+        if request.path == self.options.ws_path and _is_upgrade(request):
+            rejected = self.wire.accept()
+            if rejected is None:
+                self._opened(request)
+            self._flush()
+        else:
+            self._http(request)
+
+    def on_message(self, payload: str | bytes) -> None:
+        if self.endpoint is not None:
+            self.endpoint.on_message(payload)
+
+    # Transport
+    def write(self, data: bytes) -> None:
+        self.wire.send_text(data)
+        self._flush()
+
+    def write_binary(self, data: bytes) -> None:
+        self.wire.send_binary(data)
+        self._flush()
+
+    def close(self, code: int, reason: str) -> None:
+        self.wire.close(code, reason)
+        self._flush()
+
+    def heartbeat(self, now: float, interval: float, timeout: float) -> bool:
+        if self.wire.ping_outstanding is not None:
+            return now - self._ping_at <= timeout
+        if now - self._ping_at >= interval and self.wire.is_open:
+            self._ping_at = now
+            self.wire.ping()
+            self._flush()
+        return True
+
+    # driver-specific
+    def _opened(self, request: HttpRequest) -> None:
+        raise NotImplementedError
+
+    def _http(self, request: HttpRequest) -> None:
+        raise NotImplementedError
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+
+class AsyncioDriver(_DriverBase, asyncio.Protocol):
+    """One TCP connection on the asyncio fast path."""
+
+    def __init__(self, options: ServerOptions, runtime: AsyncioRuntime) -> None:
+        self._init(options)
+        self.runtime = runtime
+        self.transport: asyncio.Transport | None = None
+        self.remote = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        self.remote = (peer[0], peer[1]) if peer else None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._timer = self.runtime.loop.call_later(
+            self.options.handshake_timeout, self._handshake_timeout
+        )
+
+    def _handshake_timeout(self) -> None:
+        log.info("handshake timeout from %s", self.remote)
+        self._abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def data_received(self, data: bytes) -> None:
+        self.wire.receive_data(data)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.wire.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timer()
+        self.wire.receive_eof()
+        if self.endpoint is not None:
+            code = self.wire.close_code
+            self.endpoint.on_closed(1006 if code is None else int(code))
+
+    def pause_writing(self) -> None:
+        self.blocked_since = time.monotonic()
+
+    def resume_writing(self) -> None:
+        self.blocked_since = None
+
+    def _opened(self, request: HttpRequest) -> None:
+        self._cancel_timer()
+        self.endpoint = self.options.endpoint(request, self, self.runtime)
+        self.runtime.spawn(self.endpoint.run)
+
+    def _http(self, request: HttpRequest) -> None:
+        self._cancel_timer()
+
+        async def respond() -> None:
+            response = await _route(self.options, request)
+            if not self._closed:
+                self.wire.respond(response)
+                self._flush()
+
+        self.runtime.spawn(respond)
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        for chunk in self.wire.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():
+                transport.write_eof()
+        if self.wire.close_expected() and self._timer is None:
+            self._timer = self.runtime.loop.call_later(self.options.close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+
+async def serve_asyncio(
+    options: ServerOptions, host: str, port: int, *, reuse_port: bool = False
+) -> tuple[asyncio.Server, AsyncioRuntime]:
+    """Listen on the running asyncio loop; returns the server (``close()`` stops accepting)."""
+    runtime = AsyncioRuntime()
+    server = await runtime.loop.create_server(
+        lambda: AsyncioDriver(options, runtime),
+        host,
+        port,
+        reuse_port=reuse_port or None,
+        backlog=1024,
+    )
+    return server, runtime
+
+
+class AnyioDriver(_DriverBase):
+    """One TCP connection on anyio streams: a reader task, a writer task."""
+
+    def __init__(self, options: ServerOptions, stream: anyio.abc.SocketStream) -> None:
+        self._init(options)
+        self.stream = stream
+        try:
+            peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
+            self.remote = (str(peer[0]), int(peer[1]))  # type: ignore[index]
+        except Exception:
+            self.remote = None
+        self._out: deque[bytes] = deque()
+        self._wake = anyio.Event()
+        self._eof = False
+        self._handshaken = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._pending_http: HttpRequest | None = None
+
+    def _opened(self, request: HttpRequest) -> None:
+        assert self._tg is not None
+        self.endpoint = self.options.endpoint(request, self, AnyioRuntime(self._tg))
+        self._tg.start_soon(self.endpoint.run)
+        self._handshaken.set()
+
+    def _http(self, request: HttpRequest) -> None:
+        self._pending_http = request
+        self._handshaken.set()
+
+    def _flush(self) -> None:
+        for chunk in self.wire.data_to_send():
+            self._out.append(chunk)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        stream = self.stream
+        while True:
+            while not self._out:
+                if self._eof:
+                    return
+                self._wake = anyio.Event()
+                if self._out:
+                    break
+                await self._wake.wait()
+            chunks = []
+            while self._out:
+                chunk = self._out.popleft()
+                if not chunk:
+                    self._eof = True
+                    break
+                chunks.append(chunk)
+            if chunks:
+                self.blocked_since = time.monotonic()
+                try:
+                    await stream.send(b"".join(chunks))
+                finally:
+                    self.blocked_since = None
+            if self._eof:
+                try:
+                    await stream.send_eof()
+                except Exception:  # peer already gone
+                    pass
+                return
+
+    async def _reader(self) -> None:
+        stream = self.stream
+        with anyio.move_on_after(self.options.handshake_timeout) as scope:
+            while not self._handshaken.is_set() and not self.wire.is_closed:
+                try:
+                    data = await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    self.wire.receive_eof()
+                    return
+                self.wire.receive_data(data)
+                self._flush()
+        if scope.cancelled_caught:
+            log.info("handshake timeout from %s", self.remote)
+            return
+        if self._pending_http is not None:
+            response = await _route(self.options, self._pending_http)
+            self.wire.respond(response)
+            self._flush()
+        while not self.wire.is_closed:
+            if self.wire.close_expected():
+                with anyio.move_on_after(self.options.close_timeout):
+                    await self._read_once()
+                    continue
+                return
+            if not await self._read_once():
+                return
+
+    async def _read_once(self) -> bool:
+        try:
+            data = await self.stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.wire.receive_eof()
+            self._flush()
+            return False
+        self.wire.receive_data(data)
+        self._flush()
+        return True
+
+    async def serve(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._writer)
+                await self._reader()
+                if self.endpoint is not None:
+                    code = self.wire.close_code
+                    self.endpoint.on_closed(1006 if code is None else int(code))
+                self._eof = True
+                self._wake.set()
+                # Handlers still running get close_timeout to finish, then are cancelled.
+                tg.cancel_scope.deadline = anyio.current_time() + self.options.close_timeout
+        finally:
+            await self.stream.aclose()
+
+
+async def serve_anyio(
+    options: ServerOptions,
+    host: str,
+    port: int,
+    task_group: anyio.abc.TaskGroup,
+    *,
+    started: Callable[[int], None],
+) -> None:
+    """Listen and serve until cancelled (anyio; used for Trio)."""
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
+    bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+    started(int(bound))
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        await AnyioDriver(options, stream).serve()
+
+    async with listener:
+        await listener.serve(handle, task_group=task_group)  # type: ignore[arg-type]

@@ -1,0 +1,212 @@
+"""The one kernel module that imports ``websockets``: its Sans-I/O protocol, wrapped.
+
+Drivers (:mod:`backchannel.server`) feed bytes in and write out what
+:meth:`Wire.data_to_send` returns; the kernel sees only whole messages, its own
+:class:`~backchannel.http.HttpRequest`, and close codes. Fragmented messages are
+reassembled here, and text is checked as UTF-8 (RFC 6455 §8.1, close 1007).
+"""
+
+from __future__ import annotations
+
+import http
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from websockets.datastructures import Headers
+from websockets.frames import Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from .http import HttpRequest, HttpResponse
+
+__all__ = ["SUBPROTOCOL", "Wire", "WireSink"]
+
+SUBPROTOCOL = "backchannel.v1"
+_log = logging.getLogger("backchannel.websocket")
+_log.setLevel(logging.WARNING)  # websockets logs every open/close at INFO
+_TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
+    Opcode.TEXT,
+    Opcode.BINARY,
+    Opcode.CONT,
+    Opcode.PONG,
+    Opcode.CLOSE,
+)
+
+
+def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str | None:
+    # Offer backchannel.v1 when asked, but accept clients that ask for nothing.
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+
+class WireSink(Protocol):
+    """What the wire calls with complete incoming events."""
+
+    def on_request(self, request: HttpRequest) -> None: ...
+
+    def on_message(self, payload: str | bytes) -> None: ...
+
+
+class Wire:
+    """One server-side WebSocket connection's protocol state (no I/O)."""
+
+    __slots__ = (
+        "_protocol",
+        "_sink",
+        "_request",
+        "_parts",
+        "_opcode",
+        "ping_outstanding",
+        "subprotocol",
+    )
+
+    def __init__(
+        self,
+        sink: WireSink,
+        *,
+        max_size: int | None,
+        origins: Sequence[str] | None = None,
+    ) -> None:
+        allowed: list[str | None] | None = None
+        if origins is not None:
+            allowed = [None if o == "null" else o for o in origins]
+        self._protocol = ServerProtocol(
+            origins=allowed,  # type: ignore[arg-type]
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            select_subprotocol=_select_subprotocol,  # type: ignore[arg-type]
+            max_size=max_size,
+            logger=_log,
+        )
+        self._sink = sink
+        self._request: Request | None = None
+        self._parts: list[bytes] = []
+        self._opcode: Opcode | None = None
+        #: payload of the last ping without a pong yet (heartbeat).
+        self.ping_outstanding: bytes | None = None
+        self.subprotocol: str | None = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_open(self) -> bool:
+        return self._protocol.state is State.OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._protocol.state is State.CLOSED
+
+    @property
+    def close_code(self) -> int | None:
+        return self._protocol.close_code
+
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write, in order; an empty bytes object means half-close (EOF)."""
+        return self._protocol.data_to_send()
+
+    def close_expected(self) -> bool:
+        """Whether the TCP connection should be closed soon (after a timeout)."""
+        return self._protocol.close_expected()
+
+    # --------------------------------------------------------------- incoming
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the network; complete events go to the sink."""
+        protocol = self._protocol
+        protocol.receive_data(data)
+        for event in protocol.events_received():
+            if isinstance(event, Request):
+                self._request = event
+                headers = {k.lower(): v for k, v in event.headers.raw_items()}
+                self._sink.on_request(HttpRequest("GET", event.path, headers))
+                continue
+            opcode = event.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if event.fin:
+                    self._deliver(opcode, event.data)
+                else:
+                    self._opcode = opcode
+                    self._parts = [event.data]
+            elif opcode is _CONT:
+                self._parts.append(event.data)
+                if event.fin:
+                    data_ = b"".join(self._parts)
+                    self._parts = []
+                    assert self._opcode is not None
+                    self._deliver(self._opcode, data_)
+            elif opcode is _PONG:
+                if event.data == self.ping_outstanding:
+                    self.ping_outstanding = None
+
+    def _deliver(self, opcode: Opcode, data: bytes) -> None:
+        if opcode is _TEXT:
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self._protocol.fail(1007, "invalid UTF-8 in a text message")
+                return
+            self._sink.on_message(text)
+        else:
+            self._sink.on_message(data)
+
+    def receive_eof(self) -> None:
+        """The peer closed its side of the TCP connection."""
+        self._protocol.receive_eof()
+        self._protocol.events_received()
+
+    # --------------------------------------------------------------- outgoing
+
+    def accept(self, extra_headers: dict[str, str] | None = None) -> HttpResponse | None:
+        """Answer the handshake; return the rejection sent instead, if any (origin, bad request)."""
+        assert self._request is not None
+        response = self._protocol.accept(self._request)
+        if extra_headers:
+            for name, value in extra_headers.items():
+                response.headers[name] = value
+        self._protocol.send_response(response)
+        self._request = None
+        if response.status_code != 101:
+            return HttpResponse(response.status_code, response.body or b"")
+        self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
+        return None
+
+    def respond(self, response: HttpResponse) -> None:
+        """Answer the request with plain HTTP instead of a WebSocket handshake."""
+        status = http.HTTPStatus(response.status)
+        headers = Headers()
+        headers["Content-Type"] = response.content_type
+        headers["Content-Length"] = str(len(response.body))
+        headers["Connection"] = "close"
+        for name, value in response.headers.items():
+            headers[name] = value
+        self._protocol.send_response(Response(status.value, status.phrase, headers, response.body))
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text message (encoded JSON); False once closing (nothing is sent)."""
+        if self._protocol.state is not State.OPEN:
+            return False
+        self._protocol.send_text(data)
+        return True
+
+    def send_binary(self, data: bytes) -> bool:
+        """Queue one binary message (the conformance fixture's echo only)."""
+        if self._protocol.state is not State.OPEN:
+            return False
+        self._protocol.send_binary(data)
+        return True
+
+    def ping(self) -> bool:
+        """Send a heartbeat ping; False if the previous one got no pong."""
+        if self.ping_outstanding is not None:
+            return False
+        self.ping_outstanding = os.urandom(4)
+        self._protocol.send_ping(self.ping_outstanding)
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (no-op unless open)."""
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_close(code, reason[:120])
+
+

@@ -1,0 +1,31 @@
+"""The ``ping`` message type: an application-level ping answered by ``pong``.
+
+Browsers cannot send WebSocket protocol pings, so clients use this to measure
+round-trip time and to notice a dead connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from backchannel import Connection, Message, Reply, hookimpl
+from backchannel.contracts import load_schema
+from backchannel.hub import now_iso
+
+__all__ = ["Plugin"]
+
+
+class Plugin:
+    """Registers ``ping``."""
+
+    @hookimpl
+    def message_types(self, register: Callable[..., None]) -> None:
+        register("ping", schema=load_schema("backchannel_ping", "ping.schema.json"))
+
+    @hookimpl
+    def handle(self, message: Message, connection: Connection) -> Reply:
+        content: dict[str, Any] = {"serverTime": now_iso()}
+        if "clientTime" in message.content:
+            content["clientTime"] = message.content["clientTime"]
+        return Reply("pong", content)
