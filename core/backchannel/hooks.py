@@ -144,10 +144,14 @@ class Hooks:
             except Exception:
                 self.record_failure(name, impl.plugin_name)
 
-    def record_failure(self, hook: str, plugin: str) -> None:
-        """Log (with traceback, server-side only) and count a plugin failure."""
+    def count_failure(self, hook: str, plugin: str) -> None:
+        """Count a plugin failure (the caller logs it)."""
         key = (hook, plugin)
         self.failures[key] = self.failures.get(key, 0) + 1
+
+    def record_failure(self, hook: str, plugin: str) -> None:
+        """Count a plugin failure and log it with its traceback (server-side only)."""
+        self.count_failure(hook, plugin)
         log.exception("plugin %r failed in hook %r", plugin, hook)
 
     async def notify_async(self, name: str, **kwargs: Any) -> None:

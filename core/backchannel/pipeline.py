@@ -178,8 +178,8 @@ class Pipeline:
         except BackchannelError as exc:
             conn.send_error(message.id, exc, message)
         except HookFailed as exc:
-            self.app.hooks.record_failure(exc.hook, exc.plugin)
-            self._failed(conn, message, exc.cause, f"plugin {exc.plugin!r} failed")
+            self.app.hooks.count_failure(exc.hook, exc.plugin)
+            self._failed(conn, message, exc.cause, f"plugin {exc.plugin!r} failed in {exc.hook}")
         except Exception as exc:
             log.exception("answer failed conn=%s msg=%s", conn.id, message.id)
             self._failed(conn, message, exc, "handler failed")

@@ -63,10 +63,6 @@ class ServerOptions:
     on_connection: Callable[[], bool] = lambda: True
 
 
-def _is_upgrade(request: HttpRequest) -> bool:
-    return "websocket" in request.headers.get("upgrade", "").lower()
-
-
 async def _route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
     handler = options.routes.get(request.path)
     if handler is None:
@@ -102,7 +98,7 @@ class _DriverBase:
     # WireSink
     def on_request(self, request: HttpRequest) -> None:
         request.remote = self.remote
-        if request.path == self.options.ws_path and _is_upgrade(request):
+        if request.path == self.options.ws_path:  # websockets answers 426/400 to non-upgrades
             rejected = self.wire.accept()
             if rejected is None:
                 self._opened(request)
