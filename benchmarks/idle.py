@@ -31,7 +31,7 @@ def raise_nofile(needed: int) -> int:
 
 
 def rss_kib(root: int) -> int:
-    """Summed VmRSS in KiB of ``root`` and its descendants."""
+    """Return the summed VmRSS in KiB of ``root`` and its descendants."""
     total = 0
     for pid in process_tree(root):
         try:

@@ -61,7 +61,7 @@ def process_tree(root: int) -> list[int]:
 
 
 def cpu_us(pids: list[int]) -> float:
-    """Summed user+system CPU time of ``pids`` in µs (vanished processes count as 0)."""
+    """Return the user+system CPU time of ``pids`` in µs (vanished processes count 0)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
