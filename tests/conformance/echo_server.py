@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
-
 from backchannel.http import HttpRequest
 from backchannel.runtime import Runtime
 from backchannel.server import ServerOptions, serve_anyio, serve_asyncio
@@ -44,7 +44,7 @@ DRIVERS = ("asyncio", "asyncio-uvloop", "anyio-asyncio", "anyio-trio")
 class EchoEndpoint:
     """Sends every message back on the driver it came from, with the same type."""
 
-    __slots__ = ("_transport", "_closed", "_done")
+    __slots__ = ("_closed", "_done", "_transport")
 
     def __init__(self, request: HttpRequest, transport: Any, runtime: Runtime) -> None:
         self._transport = transport
@@ -128,14 +128,10 @@ def run(driver: str, host: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        prog=Path(__file__).name, description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.splitlines()[0])
     parser.add_argument("--driver", choices=DRIVERS, default="asyncio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         run(args.driver, args.host, args.port)
-    except KeyboardInterrupt:
-        pass
