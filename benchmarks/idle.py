@@ -50,7 +50,7 @@ async def measure_idle(
         raise SystemExit(f"RLIMIT_NOFILE hard limit too low for {n} connections")
     before = rss_kib(server_pid)
     conns: list[ClientConnection] = []
-    failures = 0
+    failures: list[str] = []
     started = time.monotonic()
     for i in range(0, n, batch):
         opened = await asyncio.gather(
@@ -61,7 +61,7 @@ async def measure_idle(
             return_exceptions=True,
         )
         conns += [c for c in opened if isinstance(c, ClientConnection)]
-        failures += sum(1 for c in opened if not isinstance(c, ClientConnection))
+        failures += [repr(c) for c in opened if not isinstance(c, ClientConnection)]
     open_s = time.monotonic() - started
     await asyncio.sleep(settle)
     after = rss_kib(server_pid)
@@ -69,11 +69,12 @@ async def measure_idle(
         await asyncio.gather(*(ws.close() for ws in conns[i : i + batch * 5]))
     return {
         "connections": len(conns),
-        "failures": failures,
+        "failures": len(failures),
+        "failure_sample": failures[0] if failures else None,
         "open_s": open_s,
         "rss_before_kib": before,
         "rss_after_kib": after,
-        "rss_per_conn_kib": (after - before) / max(len(conns), 1),
+        "rss_per_conn_kib": (after - before) / len(conns) if conns else None,
     }
 
 

@@ -229,7 +229,6 @@ def run_load(sc: Scenario) -> dict[str, Any]:
         samples += smp
         proc.join()
     lat_sorted = sorted(latencies)
-    per_msg = max(answers, 1)
     return asdict(sc) | {
         "answers": answers,
         "msgs_per_s": answers / sc.duration,
@@ -238,9 +237,9 @@ def run_load(sc: Scenario) -> dict[str, Any]:
         "errors": errors,
         "lost": lost,
         "error_samples": samples,
-        "server_cpu_us_per_msg": (srv1 - srv0) / per_msg,
+        "server_cpu_us_per_msg": (srv1 - srv0) / answers if answers else None,
         "server_cpu_pct": 100 * (srv1 - srv0) / (sc.duration * 1e6),
-        "loadgen_cpu_us_per_msg": (gen1 - gen0) / per_msg,
+        "loadgen_cpu_us_per_msg": (gen1 - gen0) / answers if answers else None,
         "loadgen_cpu_pct": 100 * (gen1 - gen0) / (sc.duration * 1e6),
     }
 

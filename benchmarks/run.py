@@ -85,9 +85,8 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
+    def url(self, path: str) -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
 
     @property
     def pid(self) -> int:
@@ -100,6 +99,16 @@ def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[st
     rule = "|---" * left + "|--:" * (len(header) - left) + "|"
     lines = ["| " + " | ".join(header) + " |", rule]
     return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def num(value: float | None, spec: str, suffix: str = "") -> str:
+    """Format a figure, or a dash when there is none (e.g. no answers at all)."""
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def ratio(ours: float | None, peer: float | None) -> float | None:
+    """``ours / peer``, or None when either figure is missing."""
+    return ours / peer if ours is not None and peer else None
 
 
 def fmt_tables(results: dict[str, Any]) -> str:
@@ -127,8 +136,8 @@ def fmt_tables(results: dict[str, Any]) -> str:
                 f"{r['msgs_per_s']:,.0f}",
                 f"{r['p50_ms']:.2f}",
                 f"{r['p99_ms']:.2f}",
-                f"{r['server_cpu_us_per_msg']:.1f}",
-                f"{r['server_cpu_us_per_msg'] / peer_cpu[r['scenario']]:.2f}x",
+                num(r["server_cpu_us_per_msg"], ".1f"),
+                num(ratio(r["server_cpu_us_per_msg"], peer_cpu[r["scenario"]]), ".2f", "x"),
                 str(r["errors"]),
                 f"{r['server_cpu_pct']:.0f}",
                 f"{r['loadgen_cpu_pct']:.0f}",
@@ -149,7 +158,7 @@ def fmt_tables(results: dict[str, Any]) -> str:
         [
             [
                 name,
-                f"{i['rss_per_conn_kib']:.1f}",
+                num(i["rss_per_conn_kib"], ".1f"),
                 f"{i['connections']} ({i['failures']})",
                 f"{i['rss_before_kib'] / 1024:.1f}",
                 f"{results['startup'][name]['median_ms']:.0f}",
@@ -168,6 +177,7 @@ def main() -> None:
         default=DEFAULT_OURS,
         help="command template; {port} and {python} (this interpreter) are filled in",
     )
+    parser.add_argument("--path", default="/ws", help="WebSocket path (the peer accepts any)")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -203,13 +213,15 @@ def main() -> None:
         for srv in servers:
             srv.start()
         for srv in servers:
-            results["idle"][srv.name] = asyncio.run(measure_idle(srv.url, srv.pid, args.idle_conns))
+            results["idle"][srv.name] = asyncio.run(
+                measure_idle(srv.url(args.path), srv.pid, args.idle_conns)
+            )
             print(f"idle {srv.name}: {results['idle'][srv.name]}", file=sys.stderr)
         for scenario, inflight, deflate in SCENARIOS:
             for srv in servers:
                 label = f"{scenario} {args.clients}x{inflight}"
                 sc = Scenario(
-                    srv.url,
+                    srv.url(args.path),
                     srv.pid,
                     args.clients,
                     inflight,
@@ -221,7 +233,8 @@ def main() -> None:
                 )
                 r = run_load(sc)
                 results["load"].append({"scenario": label, "server": srv.name, **r})
-                print(f"{label} {srv.name}: {r['msgs_per_s']:,.0f} msg/s", file=sys.stderr)
+                errs = f"{r['errors']} errors {r['error_samples'][:1]}" if r["errors"] else ""
+                print(f"{label} {srv.name}: {r['msgs_per_s']:,.0f} msg/s {errs}", file=sys.stderr)
     finally:
         for srv in servers:
             srv.stop()
