@@ -7,7 +7,6 @@ from the validator's own message, which embeds the offending value.
 
 from __future__ import annotations
 
-import re
 from importlib.resources import files
 from typing import Any
 
@@ -46,7 +45,7 @@ _RULES: dict[str, str] = {
     "Enum": "must be one of {options_text}",
     "Constant": "must be {expected_value!r}",
 }
-_UNEXPECTED = re.compile(r"'([^']{1,64})'")
+_NAME_LIMIT = 64
 
 
 def load_schema(package: str, name: str) -> dict[str, Any]:
@@ -72,12 +71,20 @@ def format_path(parts: list[str | int] | tuple[str | int, ...], prefix: str = ""
     return out or "(root)"
 
 
+def _show_name(name: str) -> str:
+    """A client-chosen property name, clipped and with control characters escaped."""
+    if len(name) > _NAME_LIMIT:
+        name = name[: _NAME_LIMIT - 3] + "..."
+    return name if name.isprintable() else repr(name)
+
+
 def rule(error: jsonschema_rs.ValidationError) -> str:
     """The failed rule in words, without the offending value."""
     kind = error.kind
     name = type(kind).__name__
     if name == "AdditionalProperties":
-        names = _UNEXPECTED.findall(error.message)[:5]
+        unexpected = dict(kind.as_dict()).get("unexpected") or []
+        names = [_show_name(str(n)) for n in unexpected[:5]]
         return "unexpected properties: " + ", ".join(names) if names else "unexpected property"
     template = _RULES.get(name)
     if template is None:
