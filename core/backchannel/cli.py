@@ -90,12 +90,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .app import App
 
+    source = args.config or "(defaults)"
     try:
         app = App(args.config)
     except StartupError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
+        print(f"{source}: {exc}", file=sys.stderr)
         return 1
-    print(f"{args.config or '(defaults)'}: OK (plugins: {', '.join(app.config['plugins']['enabled'])})")
+    print(f"{source}: OK (plugins: {', '.join(app.config['plugins']['enabled'])})")
     return 0
 
 

@@ -95,7 +95,7 @@ def _errors(schema: dict[str, Any], data: Any, prefix: str) -> list[str]:
 
 
 def check(data: dict[str, Any]) -> dict[str, Any]:
-    """Check kernel settings and fill defaults; raise :class:`StartupError` listing every problem."""
+    """Check kernel settings, fill defaults; raise :class:`StartupError` listing every problem."""
     schema = kernel_schema()
     problems = _errors(schema, data, "")
     if problems:
@@ -106,7 +106,7 @@ def check(data: dict[str, Any]) -> dict[str, Any]:
 def check_plugin(data: dict[str, Any], name: str, schema: dict[str, Any] | None) -> dict[str, Any]:
     """Check and default the ``[plugins.<name>]`` table against the plugin's schema."""
     plugins = data.setdefault("plugins", {})
-    table = plugins.setdefault(name, {})
+    table: dict[str, Any] = plugins.setdefault(name, {})
     if schema is None:
         if table:
             keys = ", ".join(f"plugins.{name}.{k}" for k in table)

@@ -84,7 +84,7 @@ class Hooks:
     def _args(impl: HookImpl, kwargs: dict[str, Any]) -> list[Any]:
         return [kwargs[n] for n in impl.argnames]
 
-    async def call_all(self, name: str, **kwargs: Any) -> list[Any]:
+    async def call_all(self, name: str, /, **kwargs: Any) -> list[Any]:
         """Call every implementation, await awaitables, return non-None results.
 
         An exception is re-raised as :class:`HookFailed` naming the plugin, except
@@ -107,7 +107,7 @@ class Hooks:
                 results.append(result)
         return results
 
-    async def call_first(self, name: str, **kwargs: Any) -> Any:
+    async def call_first(self, name: str, /, **kwargs: Any) -> Any:
         """Call implementations in order until one returns (or awaits to) non-None."""
         from .errors import BackchannelError, Reject
 
@@ -124,7 +124,7 @@ class Hooks:
                 return result
         return None
 
-    def call_sync(self, name: str, **kwargs: Any) -> list[Any]:
+    def call_sync(self, name: str, /, **kwargs: Any) -> list[Any]:
         """Call every implementation of a sync set-up hook; failures name the plugin."""
         results = []
         for impl in self.impls(name):
@@ -136,7 +136,7 @@ class Hooks:
                 results.append(result)
         return results
 
-    def notify(self, name: str, **kwargs: Any) -> None:
+    def notify(self, name: str, /, **kwargs: Any) -> None:
         """Call sync observers; a failure is logged and counted, never raised."""
         for impl in self.impls(name):
             try:
@@ -154,7 +154,7 @@ class Hooks:
         self.count_failure(hook, plugin)
         log.exception("plugin %r failed in hook %r", plugin, hook)
 
-    async def notify_async(self, name: str, **kwargs: Any) -> None:
+    async def notify_async(self, name: str, /, **kwargs: Any) -> None:
         """Call observers that may return awaitables (``disconnect``, ``shutdown``)."""
         for impl in self.impls(name):
             try:

@@ -20,6 +20,7 @@ class Message:
     content: dict[str, Any]
     session_id: str | None = None
     timestamp: str | None = None
+    #: length of the request frame in UTF-8 bytes
     size: int = 0
 
 

@@ -77,7 +77,9 @@ class Pipeline:
     def __init__(self, app: App) -> None:
         self.app = app
         cfg = app.config
-        self.envelope: Validator = compile_schema(load_schema("backchannel", "envelope.schema.json"))
+        self.envelope: Validator = compile_schema(
+            load_schema("backchannel", "envelope.schema.json")
+        )
         self.timeout: float = cfg["message"]["timeout"]
         self.max_queued: int = cfg["message"]["max_queued"]
         self.max_in_flight: int = cfg["message"]["max_in_flight"]
@@ -151,7 +153,13 @@ class Pipeline:
         for entry in types.values():
             for impl in wrappers:
                 args = {"type": entry.name, "handler": entry.handler}
-                wrapped = impl.function(*[args[n] for n in impl.argnames])
+                try:
+                    wrapped: Any = impl.function(*[args[n] for n in impl.argnames])
+                except Exception as exc:
+                    raise StartupError(
+                        f"plugin {impl.plugin_name!r} failed in hook 'wrap_handler' "
+                        f"for type {entry.name!r}: {exc!r}"
+                    ) from exc
                 if wrapped is not None:
                     entry.handler = adapt_handler(wrapped)
         self.types = types
@@ -188,9 +196,7 @@ class Pipeline:
         message = job.message
         entry = self.types.get(message.type)
         if entry is None:
-            raise BackchannelError(
-                ErrorCode.UNKNOWN_TYPE, f"unknown message type {message.type!r}"
-            )
+            raise BackchannelError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {message.type!r}")
         if self.observe_received:
             self.app.hooks.notify("message_received", message=message, connection=conn)
         if entry.permission is not None and not conn.principal.allows(entry.permission):  # type: ignore[union-attr]
@@ -201,6 +207,8 @@ class Pipeline:
             details = violations(entry.validator, message.content, "content")
             text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
             raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
+        if self.validators:  # a hanging validate hook is bounded by the same timeout
+            job.deadline = _monotonic() + entry.timeout
         for plugin, check in self.validators:
             try:
                 result = check(message, conn)
@@ -216,7 +224,8 @@ class Pipeline:
             if _isawaitable(result):
                 result = await result
             elif _isasyncgen(result):
-                result = await self._stream(conn, job, entry, result)
+                await self._stream(conn, job, entry, result)
+                result = None
         except BackchannelError:
             raise
         except Exception as exc:
@@ -238,7 +247,7 @@ class Pipeline:
                 conn.send("ack", {}, message.id)
             elif type(result) is dict:
                 conn.send(message.type, result, message.id)
-            elif isinstance(result, Reply):
+            elif isinstance(result, Reply) and type(result.content) is dict:
                 conn.send(result.type, result.content, message.id)
             else:
                 raise BackchannelError(
@@ -294,6 +303,8 @@ class Pipeline:
         )
         conn.send_error(
             message.id,
-            BackchannelError(ErrorCode.HANDLER_ERROR, f"{what}; see server log", extra={"ref": ref}),
+            BackchannelError(
+                ErrorCode.HANDLER_ERROR, f"{what}; see server log", extra={"ref": ref}
+            ),
             message,
         )

@@ -25,8 +25,8 @@ import anyio.abc
 import orjson
 
 from .app import App
-from .hub import Connection
 from .http import HttpRequest
+from .hub import Connection
 from .runtime import AnyioRuntime
 
 __all__ = ["MemoryClient", "connect", "serve_in_memory"]
@@ -113,11 +113,11 @@ class MemoryClient:
     async def answer(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """The terminal frame answering ``request_id`` (chunks and other frames are kept)."""
         with anyio.fail_after(timeout):
-            for i, frame in enumerate(self._pending):
-                if frame.get("replyTo") == request_id and frame["type"] != "chunk":
+            for i, kept in enumerate(self._pending):
+                if kept.get("replyTo") == request_id and kept["type"] != "chunk":
                     return self._pending.pop(i)
             while True:
-                frame = await self._frames_out.receive()
+                frame: dict[str, Any] = await self._frames_out.receive()
                 self.frames.append(frame)
                 if frame.get("replyTo") == request_id and frame["type"] != "chunk":
                     return frame
@@ -155,13 +155,21 @@ async def connect(
         transport.client = client
         transport.connection = connection
         client_box.append(client)
-        tg.start_soon(connection.run)
+        finished = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await connection.run()
+            finally:
+                finished.set()
+
+        tg.start_soon(run)
         try:
             yield client
         finally:
             connection.on_closed(1000)
             send.close()
+            # wait for the whole connection task, ``disconnect`` hooks included
             with anyio.move_on_after(5):
-                while connection.accepted and connection.id in app.hub.connections:
-                    await anyio.sleep(0.005)
+                await finished.wait()
             tg.cancel_scope.cancel()

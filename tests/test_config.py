@@ -1,0 +1,338 @@
+"""Configuration: defaults, TOML, environment and CLI precedence, errors that name the key."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backchannel import App, StartupError, cli
+from backchannel import config as config_mod
+from conftest import ROOT, STANDARD
+
+EXAMPLE = ROOT / "backchannel.toml"
+SCHEMA: dict[str, Any] = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
+VALIDATION_SCHEMA: dict[str, Any] = json.loads(
+    (ROOT / "schemas" / "validation.config.schema.json").read_text()
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``BACKCHANNEL_*`` variable of the developer's shell leaks into these tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(config_mod.ENV_PREFIX):
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "bc.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems(excinfo: pytest.ExceptionInfo[StartupError]) -> list[str]:
+    """The lines of a config error after its ``invalid config:`` heading."""
+    lines = str(excinfo.value).splitlines()
+    assert lines[0] == "invalid config:"
+    return [line.strip() for line in lines[1:]]
+
+
+def schema_defaults(schema: dict[str, Any]) -> dict[str, Any]:
+    """Every leaf default of a config schema, by dotted key."""
+    found = {}
+    for section, sub in schema["properties"].items():
+        for key, spec in sub.get("properties", {}).items():
+            found[f"{section}.{key}"] = spec.get("default")
+    return found
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_defaults_without_a_file_are_the_schema_defaults() -> None:
+    """With no file and no environment, every key has its schema default."""
+    cfg = config_mod.load(None, environ={})
+    for dotted, default in schema_defaults(SCHEMA).items():
+        section, key = dotted.split(".")
+        assert cfg[section][key] == default, dotted
+    assert cfg["server"]["port"] == 8765
+    assert cfg["plugins"]["enabled"] == STANDARD
+
+
+def test_toml_file_sets_keys_and_leaves_the_rest_default(tmp_path: Path) -> None:
+    """Keys from the TOML file replace defaults; the others keep theirs."""
+    path = write(tmp_path, '[server]\nport = 9001\nhost = "0.0.0.0"\n[message]\ntimeout = 5\n')
+    cfg = config_mod.load(path, environ={})
+    assert (cfg["server"]["port"], cfg["server"]["host"]) == (9001, "0.0.0.0")
+    assert cfg["message"] == {"timeout": 5, "max_in_flight": 1, "max_queued": 256}
+    assert cfg["server"]["path"] == "/ws"
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    """``BACKCHANNEL_SERVER__PORT=9000`` beats the file; values parse as JSON."""
+    path = write(tmp_path, "[server]\nport = 8000\n")
+    environ = {
+        "BACKCHANNEL_SERVER__PORT": "9000",
+        "BACKCHANNEL_SERVER__HOST": "10.0.0.1",
+        "BACKCHANNEL_PLUGINS__ENABLED": '["text", "ping"]',
+        "BACKCHANNEL_NOT_A_KEY": "ignored (no __)",
+        "OTHER__PORT": "1",
+    }
+    cfg = config_mod.load(path, environ=environ)
+    assert cfg["server"]["port"] == 9000
+    assert cfg["server"]["host"] == "10.0.0.1"
+    assert cfg["plugins"]["enabled"] == ["text", "ping"]
+
+
+def test_environment_sets_a_nested_plugin_key() -> None:
+    """``BACKCHANNEL_PLUGINS__VALIDATION__MAX_STRING_LENGTH`` reaches the plugin's table."""
+    environ = {"BACKCHANNEL_PLUGINS__VALIDATION__MAX_STRING_LENGTH": "100"}
+    app = App(None, plugins=["validation"], environ=environ)
+    assert app.plugin_config("validation")["max_string_length"] == 100
+    assert app.plugin_config("validation")["max_depth"] == 16
+
+
+def test_environment_value_is_checked_like_a_file_value() -> None:
+    """A bad value from the environment fails with its dotted key."""
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.load(None, environ={"BACKCHANNEL_SERVER__PORT": "high"})
+    assert problems(excinfo) == ["server.port: must be of type integer"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "port"),
+    [
+        ([], {}, 8000),
+        ([], {"BACKCHANNEL_SERVER__PORT": "9000"}, 9000),
+        (["--port", "9100"], {"BACKCHANNEL_SERVER__PORT": "9000"}, 9100),
+    ],
+    ids=["file", "env-over-file", "flag-over-env"],
+)
+def test_cli_flags_take_precedence(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    environ: dict[str, str],
+    port: int,
+) -> None:
+    """``backchannel serve``: flag beats environment beats file (server not started)."""
+    path = write(tmp_path, "[server]\nport = 8000\n")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    seen: dict[str, Any] = {}
+    real_load = config_mod.load
+
+    def spy_load(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen["config"] = real_load(*args, **kwargs)
+        return seen["config"]
+
+    def fake_run(func: Any, *, backend: str, backend_options: dict[str, Any]) -> None:
+        seen["backend"] = backend
+
+    monkeypatch.setattr(cli.config_mod, "load", spy_load)
+    monkeypatch.setattr(cli, "_setup_logging", lambda level: seen.setdefault("level", level))
+    monkeypatch.setattr(cli.anyio, "run", fake_run)
+    args = ["serve", "--config", str(path), *argv, "--backend", "trio", "--log-level", "debug"]
+    assert cli.main(args) == 0
+    assert seen["config"]["server"]["port"] == port
+    assert seen["backend"] == "trio" and seen["level"] == "DEBUG"
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_key_names_its_dotted_path_and_the_allowed_keys(tmp_path: Path) -> None:
+    """An unknown key fails with its dotted path and every allowed key of its table."""
+    path = write(tmp_path, "bogus = 1\n[server]\nprot = 9000\n")
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.load(path, environ={})
+    assert sorted(problems(excinfo)) == [
+        "bogus: unknown key (allowed: auth, connection, heartbeat, log, message, plugins, "
+        "server, session, shutdown)",
+        "server.prot: unknown key (allowed: backend, demo, handshake_timeout, host, "
+        "max_connections, max_message_size, origins, path, port, uvloop)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"server": {"port": "x"}}, "server.port: must be of type integer"),
+        ({"server": {"port": 70000}}, "server.port: greater than 65535"),
+        ({"server": {"backend": "gevent"}}, "server.backend: must be one of 'asyncio', 'trio'"),
+        (
+            {"log": {"level": "LOUD"}},
+            "log.level: must be one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'",
+        ),
+        ({"message": {"timeout": 0}}, "message.timeout: not greater than 0"),
+        ({"auth": {"anonymous_permissions": "*"}}, "auth.anonymous_permissions: must be of type"),
+        ({"server": 5}, "server: must be of type object"),
+        ({"plugins": {"enabled": ["Text"]}}, "plugins.enabled[0]: does not match"),
+    ],
+)
+def test_bad_value_names_the_key_and_what_is_allowed(data: dict[str, Any], expected: str) -> None:
+    """A wrong type, range or enum value names the dotted key and the rule."""
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.check(data)
+    [problem] = problems(excinfo)
+    assert problem.startswith(expected)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Several bad keys are listed together, so one run shows everything to fix."""
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.check({"server": {"port": "x", "backend": "gevent"}, "log": {"nope": 1}})
+    assert sorted(p.split(":")[0] for p in problems(excinfo)) == [
+        "log.nope",
+        "server.backend",
+        "server.port",
+    ]
+
+
+def test_plugin_settings_are_checked_against_the_plugin_schema() -> None:
+    """``plugins.validation.max_string_length = "x"`` fails naming that key."""
+    with pytest.raises(StartupError) as excinfo:
+        App({"plugins": {"validation": {"max_string_length": "x"}}}, plugins=["validation"])
+    assert problems(excinfo) == ["plugins.validation.max_string_length: must be of type integer"]
+
+
+def test_unknown_plugin_key_lists_the_plugin_keys() -> None:
+    """An unknown key in a plugin's table names the allowed keys of that plugin."""
+    with pytest.raises(StartupError) as excinfo:
+        App({"plugins": {"validation": {"max_len": 5}}}, plugins=["validation"])
+    assert problems(excinfo) == [
+        "plugins.validation.max_len: unknown key (allowed: allowed_types, max_bytes, max_depth, "
+        "max_string_length, sanitize, schemas)"
+    ]
+
+
+def test_plugin_defaults_fill_its_table() -> None:
+    """An enabled plugin's missing settings get its schema's defaults."""
+    app = App({"plugins": {"validation": {"max_depth": 4}}}, plugins=["validation"])
+    assert app.plugin_config("validation") == {
+        "max_string_length": 8000,
+        "max_depth": 4,
+        "max_bytes": None,
+        "allowed_types": None,
+        "sanitize": True,
+        "schemas": {},
+    }
+
+
+def test_settings_for_a_plugin_without_settings_fail() -> None:
+    """A ``[plugins.text]`` table fails: the text plugin takes no settings."""
+    with pytest.raises(StartupError) as excinfo:
+        App({"plugins": {"text": {"echo": False}}}, plugins=["text"])
+    assert problems(excinfo) == ["plugins.text.echo: plugin 'text' takes no settings"]
+
+
+# ---------------------------------------------------------------- backchannel check
+
+
+def test_check_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``backchannel check FILE`` exits 0 and names the plugins it loaded."""
+    path = write(tmp_path, '[plugins]\nenabled = ["text", "validation"]\n')
+    assert cli.main(["check", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{path}: OK (plugins: text, validation)"
+    assert err == ""
+
+
+def test_check_without_a_file_checks_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """``backchannel check`` with no file checks the built-in defaults."""
+    assert cli.main(["check"]) == 0
+    assert capsys.readouterr().out.strip() == f"(defaults): OK (plugins: {', '.join(STANDARD)})"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nport = -1\n", "server.port: less than 0"),
+        ("[server]\nport = 80\nport = 81\n", "is not valid TOML"),
+        ('[plugins]\nenabled = ["nope"]\n', "plugin 'nope' is enabled in config but not installed"),
+        (
+            '[plugins]\nenabled = ["validation"]\n[plugins.validation]\nsanitize = "yes"\n',
+            "plugins.validation.sanitize: must be of type boolean",
+        ),
+    ],
+    ids=["bad-value", "bad-toml", "unknown-plugin", "bad-plugin-value"],
+)
+def test_check_rejects_a_bad_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    """``backchannel check FILE`` exits 1 and says what is wrong on stderr."""
+    path = write(tmp_path, text)
+    assert cli.main(["check", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"{path}: ") and message in err
+
+
+def test_check_of_a_missing_file_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config path that does not exist is an error, not the defaults."""
+    missing = tmp_path / "missing.toml"
+    assert cli.main(["check", str(missing)]) == 1
+    assert f"config file not found: {missing}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the example file
+
+
+def test_example_config_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
+    """The committed ``backchannel.toml`` is valid and enables the standard plugins."""
+    assert cli.main(["check", str(EXAMPLE)]) == 0
+    assert "OK (plugins: init, text, ping, system, validation)" in capsys.readouterr().out
+    cfg = tomllib.loads(EXAMPLE.read_text())
+    assert cfg["server"]["demo"] is True
+    assert cfg["plugins"]["enabled"] == STANDARD
+
+
+_SETTING = re.compile(r"^#?\s*([a-z_]+) = (.*)$")
+
+
+def documented(text: str) -> dict[str, tuple[bool, str]]:
+    """``{dotted key: (commented out, value text)}`` for every setting line of a TOML file."""
+    found: dict[str, tuple[bool, str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            table = line.strip().strip("[]")
+            continue
+        match = _SETTING.match(line)
+        if match and table:
+            found[f"{table}.{match.group(1)}"] = (line.startswith("#"), match.group(2))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("schema", "prefix"),
+    [(SCHEMA, ""), ({"properties": {"validation": VALIDATION_SCHEMA}}, "plugins.")],
+    ids=["kernel", "validation"],
+)
+def test_example_config_documents_every_key_with_its_default(
+    schema: dict[str, Any], prefix: str
+) -> None:
+    """Every schema key appears in ``backchannel.toml``; commented values are the defaults."""
+    lines = documented(EXAMPLE.read_text())
+    for dotted, default in schema_defaults(schema).items():
+        key = prefix + dotted
+        assert key in lines, f"{key} is not documented in backchannel.toml"
+        commented, value = lines[key]
+        if not commented or default is None:  # set on purpose, or TOML has no null
+            continue
+        assert tomllib.loads(f"v = {value}")["v"] == default, key
+
+
+def test_example_config_has_no_key_the_schemas_do_not_know() -> None:
+    """Every setting line of ``backchannel.toml`` is a key of the kernel or validation schema."""
+    known = set(schema_defaults(SCHEMA)) | {
+        "plugins." + k for k in schema_defaults({"properties": {"validation": VALIDATION_SCHEMA}})
+    }
+    assert set(documented(EXAMPLE.read_text())) <= known
