@@ -96,9 +96,7 @@ class WsClient:
 
 
 @asynccontextmanager
-async def ws_connect(
-    port: int, path: str = "/ws", **kwargs: Any
-) -> AsyncIterator[WsClient]:
+async def ws_connect(port: int, path: str = "/ws", **kwargs: Any) -> AsyncIterator[WsClient]:
     """Connect with websockets' client for the running backend."""
     url = f"ws://127.0.0.1:{port}{path}"
     kwargs.setdefault("subprotocols", ["backchannel.v1"])

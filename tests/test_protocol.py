@@ -48,10 +48,12 @@ BAD_INPUT = [
     ('{"id": "m4", "type": "no.such.type"}', "m4", "unknown_type"),
     ('{"id": "m5", "type": "text", "content": {"text": 5}}', "m5", "validation_failed"),
     ('{"id": "m6", "type": "text", "content": {}}', "m6", "validation_failed"),
-    (json.dumps({"id": "m7", "type": "text", "content": {"text": "x" * 8001}}), "m7",
-     "validation_failed"),
-    ('{"id": "m8", "type": "system", "content": {"event": "notice", "message": "x"}}', "m8",
-     None),
+    (
+        json.dumps({"id": "m7", "type": "text", "content": {"text": "x" * 8001}}),
+        "m7",
+        "validation_failed",
+    ),
+    ('{"id": "m8", "type": "system", "content": {"event": "notice", "message": "x"}}', "m8", None),
 ]
 
 

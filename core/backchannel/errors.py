@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     """Codes of ``error`` frames (``content.code``)."""
 
     BAD_JSON = "bad_json"

@@ -8,7 +8,7 @@ anyio runs on) uses events and cancel scopes. Both give the same semantics.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -37,7 +37,7 @@ class Interruptible:
 class Runtime(Protocol):
     def signal(self) -> Signal: ...
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None: ...
 
     async def run(
         self, work: Interruptible, func: Callable[..., Awaitable[None]], *args: Any
@@ -76,8 +76,8 @@ class AsyncioRuntime:
     def signal(self) -> Signal:
         return _FutureSignal(self.loop)
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        task = self.loop.create_task(func(*args))  # type: ignore[arg-type]
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        task: asyncio.Task[Any] = self.loop.create_task(func(*args))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -134,7 +134,7 @@ class AnyioRuntime:
     def signal(self) -> Signal:
         return _EventSignal()
 
-    def spawn(self, func: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         self.task_group.start_soon(func, *args)
 
     async def run(

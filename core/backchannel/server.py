@@ -1,4 +1,4 @@
-"""The standalone server: TCP listeners and the drivers that feed :class:`~backchannel.websocket.Wire`.
+"""The standalone server: TCP listeners and the drivers feeding :class:`~.websocket.Wire`.
 
 Two drivers give the same behaviour:
 
@@ -16,6 +16,7 @@ backpressure signal (``blocked_since``). What happens with a message is up to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -31,7 +32,14 @@ from .http import HttpRequest, HttpResponse, RouteHandler
 from .runtime import AnyioRuntime, AsyncioRuntime, Runtime
 from .websocket import Wire
 
-__all__ = ["AnyioDriver", "AsyncioDriver", "Endpoint", "ServerOptions", "serve_anyio", "serve_asyncio"]
+__all__ = [
+    "AnyioDriver",
+    "AsyncioDriver",
+    "Endpoint",
+    "ServerOptions",
+    "serve_anyio",
+    "serve_asyncio",
+]
 
 log = logging.getLogger("backchannel.server")
 
@@ -61,6 +69,8 @@ class ServerOptions:
     close_timeout: float = 5.0
     routes: dict[str, RouteHandler] = field(default_factory=dict)
     on_connection: Callable[[], bool] = lambda: True
+    #: called with the HTTP status (as text) of a refused handshake, or "timeout"
+    on_reject: Callable[[str], None] = lambda reason: None
 
 
 async def _route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
@@ -102,6 +112,10 @@ class _DriverBase:
             rejected = self.wire.accept()
             if rejected is None:
                 self._opened(request)
+            else:
+                why = rejected.body[:200].decode(errors="replace").strip()
+                log.info("handshake rejected %d from %s: %s", rejected.status, self.remote, why)
+                self.options.on_reject(str(rejected.status))
             self._flush()
         else:
             self._http(request)
@@ -167,6 +181,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         log.info("handshake timeout from %s", self.remote)
+        self.options.on_reject("timeout")
         self._abort()
 
     def _cancel_timer(self) -> None:
@@ -254,7 +269,7 @@ class AnyioDriver(_DriverBase):
         self.stream = stream
         try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
-            self.remote = (str(peer[0]), int(peer[1]))  # type: ignore[index]
+            self.remote = (str(peer[0]), int(peer[1]))
         except Exception:
             self.remote = None
         self._out: deque[bytes] = deque()
@@ -303,10 +318,8 @@ class AnyioDriver(_DriverBase):
                 finally:
                     self.blocked_since = None
             if self._eof:
-                try:
+                with contextlib.suppress(Exception):  # the peer may be gone already
                     await stream.send_eof()
-                except Exception:  # peer already gone
-                    pass
                 return
 
     async def _reader(self) -> None:
@@ -322,6 +335,7 @@ class AnyioDriver(_DriverBase):
                 self._flush()
         if scope.cancelled_caught:
             log.info("handshake timeout from %s", self.remote)
+            self.options.on_reject("timeout")
             return
         if self._pending_http is not None:
             response = await _route(self.options, self._pending_http)
@@ -381,4 +395,4 @@ async def serve_anyio(
         await AnyioDriver(options, stream).serve()
 
     async with listener:
-        await listener.serve(handle, task_group=task_group)  # type: ignore[arg-type]
+        await listener.serve(handle, task_group=task_group)

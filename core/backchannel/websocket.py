@@ -11,11 +11,11 @@ from __future__ import annotations
 import http
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from websockets.datastructures import Headers
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -121,23 +121,24 @@ class Wire:
                 headers = {k.lower(): v for k, v in event.headers.raw_items()}
                 self._sink.on_request(HttpRequest("GET", event.path, headers))
                 continue
+            if not isinstance(event, Frame):  # a server never receives a Response
+                continue
             opcode = event.opcode
             if opcode is _TEXT or opcode is _BINARY:
                 if event.fin:
-                    self._deliver(opcode, event.data)
+                    self._deliver(opcode, bytes(event.data))
                 else:
                     self._opcode = opcode
-                    self._parts = [event.data]
+                    self._parts = [bytes(event.data)]
             elif opcode is _CONT:
-                self._parts.append(event.data)
+                self._parts.append(bytes(event.data))
                 if event.fin:
                     data_ = b"".join(self._parts)
                     self._parts = []
                     assert self._opcode is not None
                     self._deliver(self._opcode, data_)
-            elif opcode is _PONG:
-                if event.data == self.ping_outstanding:
-                    self.ping_outstanding = None
+            elif opcode is _PONG and event.data == self.ping_outstanding:
+                self.ping_outstanding = None
 
     def _deliver(self, opcode: Opcode, data: bytes) -> None:
         if opcode is _TEXT:
@@ -167,7 +168,7 @@ class Wire:
         self._protocol.send_response(response)
         self._request = None
         if response.status_code != 101:
-            return HttpResponse(response.status_code, response.body or b"")
+            return HttpResponse(response.status_code, bytes(response.body or b""))
         self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
         return None
 
@@ -208,5 +209,3 @@ class Wire:
         """Start the closing handshake (no-op unless open)."""
         if self._protocol.state is State.OPEN:
             self._protocol.send_close(code, reason[:120])
-
-
