@@ -239,6 +239,7 @@ class App:
                 "byCode": dict(hub.errors),
             },
             "closes": {str(k): v for k, v in hub.closes.items()},
+            "handshakes": {"rejected": dict(hub.rejected)},
             "pluginFailures": {f"{h}:{p}": n for (h, p), n in self.hooks.failures.items()},
         }
 
@@ -248,10 +249,10 @@ class App:
             level.upper() if isinstance(level, str) else level
         )
 
-    def slow_consumer(self, conn: Connection) -> None:
+    def slow_consumer(self, conn: Connection, why: str = "not reading") -> None:
         """Close a client that stopped reading (its session keeps what it missed)."""
         self.hub.count_error("slow_consumer")
-        conn.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        conn.close(CloseCode.TRY_AGAIN_LATER, f"slow consumer: {why}")
 
     # --------------------------------------------------------------- lifecycle
 
@@ -297,6 +298,7 @@ class App:
             handshake_timeout=server["handshake_timeout"],
             close_timeout=min(5.0, self.config["heartbeat"]["timeout"]),
             routes=self.routes,
+            on_reject=self.hub.count_rejected,
         )
 
     @asynccontextmanager
@@ -308,8 +310,9 @@ class App:
         server_cfg = self.config["server"]
         host = server_cfg["host"] if host is None else host
         port = server_cfg["port"] if port is None else port
+        if self._stop is None:  # else stop() came first (SIGTERM during start-up): honour it
+            self._stop = anyio.Event()
         await self._startup()
-        self._stop = anyio.Event()
         asyncio_server = None
         try:
             async with anyio.create_task_group() as tg:
@@ -335,10 +338,11 @@ class App:
                 tg.start_soon(self.hub.heartbeat)
                 self._ready = True
                 log.info(
-                    "listening on ws://%s:%s%s (plugins: %s)",
+                    "listening on ws://%s:%s%s (%s; plugins: %s)",
                     host,
                     self.port,
                     server_cfg["path"],
+                    sniffio.current_async_library(),
                     ", ".join(self._order),
                 )
                 try:
@@ -355,6 +359,7 @@ class App:
                         tg.cancel_scope.cancel()
         finally:
             self._ready = False
+            self._stop = None
             await self.hooks.notify_async("shutdown", app=self)
 
     async def _drain(self) -> None:
@@ -370,9 +375,11 @@ class App:
             await self._stop.wait()
 
     async def stop(self) -> None:
-        """Ask :meth:`serve_forever` to shut down gracefully."""
-        if self._stop is not None:
-            self._stop.set()
+        """Ask :meth:`serve_forever` to shut down gracefully (as soon as it is up, when called
+        during start-up)."""
+        if self._stop is None:
+            self._stop = anyio.Event()
+        self._stop.set()
 
     async def start(self, host: str | None = None, port: int | None = None) -> None:
         """Start serving in the background (asyncio only; on Trio use ``async with app.run()``)."""

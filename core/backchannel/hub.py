@@ -99,7 +99,8 @@ class Connection:
 
     Attributes: ``id``, ``request`` (path, query, headers of the handshake),
     ``remote`` (address, port), ``principal``, ``session``, ``stash`` (per-plugin
-    state), ``opened_at`` (``time.time()``), ``close_code`` once closed.
+    state), ``opened_at`` (``time.time()``), ``close_code`` once closed (the code
+    the server closed with, else the peer's; 1006 when the TCP connection dropped).
     """
 
     __slots__ = (
@@ -120,6 +121,8 @@ class Connection:
         "_jobs",
         "_in_flight",
         "_closing",
+        "_blocked_at",
+        "_backlog",
         "runtime",
     )
 
@@ -144,7 +147,9 @@ class Connection:
         self._signal = runtime.signal()
         self._jobs: dict[str, Job] = {}
         self._in_flight = 0
-        self._closing = False
+        self._closing = 0  # close code the server sent (0: none yet)
+        self._blocked_at: float | None = None  # the transport's blocked_since we count for
+        self._backlog = 0  # frames written since then (bounded by send_queue_size)
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} session={self.session.id}>"
@@ -167,7 +172,16 @@ class Connection:
         data = encode(frame)
         session.seq = seq
         if self.close_code is None:
-            self.transport.write(data)
+            transport = self.transport
+            transport.write(data)
+            blocked = transport.blocked_since
+            if blocked is not None:  # the peer is not reading: this frame waits in the queue
+                if blocked != self._blocked_at:
+                    self._blocked_at = blocked
+                    self._backlog = 0
+                self._backlog += 1
+                if self._backlog > self.hub.send_queue_size and not self._closing:
+                    self.app.slow_consumer(self, "send queue full")
         self.hub.frames_sent += 1
         if self.app.pipeline.observe_sent:
             self.app.hooks.notify("message_sent", connection=self, frame=frame)
@@ -202,7 +216,7 @@ class Connection:
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close this connection with ``code`` (its session lives on)."""
         if self.close_code is None and not self._closing:
-            self._closing = True
+            self._closing = code
             log.info(
                 "closing conn=%s code=%d %s",
                 self.id,
@@ -242,7 +256,8 @@ class Connection:
             data.get("content") or {},
             data.get("sessionId"),
             data.get("timestamp"),
-            len(payload),
+            # UTF-8 bytes; isascii() is O(1) on str, so ASCII frames cost no encode
+            len(payload) if payload.isascii() else len(payload.encode()),
         )
         if message.type == "cancel":
             self._cancel(message)
@@ -306,7 +321,9 @@ class Connection:
         """The transport is gone (called by the driver, once)."""
         if self.close_code is not None:
             return
-        self.close_code = code
+        # A client the server closed (heartbeat, slow consumer) rarely echoes the close:
+        # report why the server closed it, not the 1006 of the dropped TCP connection.
+        self.close_code = self._closing or code
         self._signal.set()
 
     # ---------------------------------------------------------------- lifecycle
@@ -316,7 +333,12 @@ class Connection:
         hub = self.hub
         app = self.app
         try:
-            if not await self._admit():
+            hub.admitting += 1  # holds a slot while authenticate/connect hooks await
+            try:
+                admitted = await self._admit()
+            finally:
+                hub.admitting -= 1
+            if not admitted:
                 return
             hub.add(self)
             self.accepted = True
@@ -332,7 +354,7 @@ class Connection:
     async def _admit(self) -> bool:
         app = self.app
         hub = self.hub
-        if hub.active >= app.config["server"]["max_connections"]:
+        if hub.active + hub.admitting > app.config["server"]["max_connections"]:
             hub.count_close(CloseCode.TRY_AGAIN_LATER)
             self.close(CloseCode.TRY_AGAIN_LATER, "server is at max_connections")
             return False
@@ -409,6 +431,7 @@ class Hub:
 
     def __init__(self, app: App) -> None:
         self.app = app
+        self.send_queue_size: int = app.config["connection"]["send_queue_size"]
         self.connections: dict[str, Connection] = {}
         self.running: set[Job] = set()
         self.shutting_down = False
@@ -418,6 +441,11 @@ class Hub:
         self.frames_sent = 0
         self.errors: dict[str, int] = {}
         self.closes: dict[int, int] = {}
+        #: refused handshakes by HTTP status ("403") or "timeout"
+        self.rejected: dict[str, int] = {}
+        #: connections past the handshake still in authenticate/connect (they count
+        #: against max_connections, so simultaneous handshakes cannot overshoot it)
+        self.admitting = 0
 
     @property
     def active(self) -> int:
@@ -432,6 +460,14 @@ class Hub:
         self.connections.pop(connection.id, None)
         code = connection.close_code or 1006
         self.count_close(code)
+        log.log(
+            logging.DEBUG if code in (1000, 1001) else logging.INFO,
+            "closed conn=%s session=%s code=%d",
+            connection.id,
+            connection.session.id,
+            code,
+            extra={"connection_id": connection.id, "close_code": code},
+        )
 
     def count_error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -439,11 +475,13 @@ class Hub:
     def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1
 
+    def count_rejected(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def tick_interval(self) -> float:
         cfg = self.app.config
-        return max(
-            0.01,
-            min(0.25, cfg["message"]["timeout"] / 10, cfg["heartbeat"]["interval"] / 4),
+        return float(
+            max(0.01, min(0.25, cfg["message"]["timeout"] / 10, cfg["heartbeat"]["interval"] / 4))
         )
 
     async def watch(self) -> None:
@@ -485,5 +523,10 @@ class Hub:
                 await anyio.sleep(0.01)
         for job in list(self.running):
             job.connection.runtime.interrupt(job, "shutting_down")
+        # Interrupted handlers answer `shutting_down` as they unwind: let those errors go
+        # out before the close frame (bounded: a handler may swallow its cancellation).
+        with anyio.move_on_after(1.0):
+            while self.running:
+                await anyio.sleep(0.01)
         for conn in list(self.connections.values()):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")
