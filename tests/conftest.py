@@ -17,7 +17,7 @@ import sniffio
 from backchannel import App
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDARD = ["init", "text", "ping", "system", "validation"]
+STANDARD = ["init", "text", "ping", "system", "validation", "rooms"]
 
 
 @pytest.fixture(params=["asyncio", "trio"])

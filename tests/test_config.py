@@ -19,6 +19,11 @@ SCHEMA: dict[str, Any] = json.loads((ROOT / "schemas" / "config.schema.json").re
 VALIDATION_SCHEMA: dict[str, Any] = json.loads(
     (ROOT / "schemas" / "validation.config.schema.json").read_text()
 )
+#: every plugin's settings schema, by plugin name (``schemas/<name>.config.schema.json``)
+PLUGIN_SCHEMAS: dict[str, dict[str, Any]] = {
+    p.name.removesuffix(".config.schema.json"): json.loads(p.read_text())
+    for p in sorted((ROOT / "schemas").glob("*.config.schema.json"))
+}
 
 
 @pytest.fixture(autouse=True)
@@ -288,7 +293,7 @@ def test_check_of_a_missing_file_fails(tmp_path: Path, capsys: pytest.CaptureFix
 def test_example_config_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
     """The committed ``backchannel.toml`` is valid and enables the standard plugins."""
     assert cli.main(["check", str(EXAMPLE)]) == 0
-    assert "OK (plugins: init, text, ping, system, validation)" in capsys.readouterr().out
+    assert "OK (plugins: init, text, ping, system, validation, rooms)" in capsys.readouterr().out
     cfg = tomllib.loads(EXAMPLE.read_text())
     assert cfg["server"]["demo"] is True
     assert cfg["plugins"]["enabled"] == STANDARD
@@ -313,8 +318,9 @@ def documented(text: str) -> dict[str, tuple[bool, str]]:
 
 @pytest.mark.parametrize(
     ("schema", "prefix"),
-    [(SCHEMA, ""), ({"properties": {"validation": VALIDATION_SCHEMA}}, "plugins.")],
-    ids=["kernel", "validation"],
+    [(SCHEMA, "")]
+    + [({"properties": {name: s}}, "plugins.") for name, s in PLUGIN_SCHEMAS.items()],
+    ids=["kernel", *PLUGIN_SCHEMAS],
 )
 def test_example_config_documents_every_key_with_its_default(
     schema: dict[str, Any], prefix: str
@@ -331,8 +337,10 @@ def test_example_config_documents_every_key_with_its_default(
 
 
 def test_example_config_has_no_key_the_schemas_do_not_know() -> None:
-    """Every setting line of ``backchannel.toml`` is a key of the kernel or validation schema."""
+    """Every setting line of ``backchannel.toml`` is a key of the kernel or a plugin schema."""
     known = set(schema_defaults(SCHEMA)) | {
-        "plugins." + k for k in schema_defaults({"properties": {"validation": VALIDATION_SCHEMA}})
+        "plugins." + k
+        for name, schema in PLUGIN_SCHEMAS.items()
+        for k in schema_defaults({"properties": {name: schema}})
     }
     assert set(documented(EXAMPLE.read_text())) <= known

@@ -19,7 +19,7 @@ from backchannel.plugins import GROUP, PluginInfo
 from backchannel.testing import connect, serve_in_memory
 from conftest import STANDARD
 
-INSTALLED = "installed plugins: init, ping, system, text, validation"
+INSTALLED = "installed plugins: init, ping, rooms, system, text, validation"
 
 
 @pytest.fixture(autouse=True)
@@ -222,11 +222,20 @@ def test_plugins_command_lists_installed_plugins_as_json(
         assert row["distribution"] == f"backchannel-{name}"
         assert row["version"] == "0.1.0" and row["enabled"] is True
     assert {name: rows[name]["hooks"] for name in STANDARD} == {
-        "init": ["handle", "message_types"],
+        "init": ["handle", "message_types", "startup"],
         "text": ["handle", "message_types"],
         "ping": ["handle", "message_types"],
         "system": ["handle", "message_types", "startup"],
         "validation": ["config_schema", "startup", "validate"],
+        "rooms": [
+            "config_schema",
+            "disconnect",
+            "message_types",
+            "session_expired",
+            "session_resumed",
+            "startup",
+            "wrap_handler",
+        ],
     }
 
     config = tmp_path / "bc.toml"

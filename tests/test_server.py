@@ -652,5 +652,5 @@ async def test_cli_serve_answers_and_sigterm_drains_with_1001(anyio_backend: str
         if process.returncode is None:
             process.kill()
         await process.aclose()
-    assert f"({anyio_backend}; plugins: init, text, ping, system, validation)".encode() in stderr
+    assert f"({anyio_backend}; plugins: {', '.join(STANDARD)})".encode() in stderr
     assert b"received SIGTERM" in stderr, stderr.decode()

@@ -14,7 +14,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from importlib.resources import files
+from typing import Any, cast
 
 import anyio
 import pluggy
@@ -22,10 +23,12 @@ import sniffio
 
 from . import config as config_mod
 from . import hookspecs, plugins
+from .broker import Broker
 from .errors import CloseCode, StartupError
 from .hooks import HookFailed, Hooks
 from .http import HttpRequest, HttpResponse, RouteHandler, json_response
 from .hub import Connection, Hub, now_iso
+from .memory import MemoryBroker
 from .pipeline import Pipeline
 from .server import ServerOptions, serve_anyio, serve_asyncio
 
@@ -90,7 +93,8 @@ class App:
             data = config_mod.merge({}, config)
             data = config_mod.merge(data, config_mod.env_overrides(environ or {}))
             if plugins is not None:
-                data.setdefault("plugins", {})["enabled"] = [p for p in plugins if isinstance(p, str)]
+                names = [p for p in plugins if isinstance(p, str)]
+                data.setdefault("plugins", {})["enabled"] = names
             self.config = config_mod.check(data)
         else:
             overrides: dict[str, Any] = {}
@@ -101,6 +105,13 @@ class App:
         self.pm.add_hookspecs(hookspecs)
         self._order: list[str] = []
         self.hooks = Hooks(self.pm, lambda: self._order)
+        session = self.config["session"]
+        #: the broker (the ``broker`` hook's, chosen at start-up; in-memory by default)
+        self.broker: Broker = MemoryBroker(
+            outbox_size=session["outbox_size"],
+            outbox_max_bytes=session["outbox_max_bytes"],
+            dedupe_window=session["dedupe_window"],
+        )
         self.hub = Hub(self)
         self.pipeline = Pipeline(self)
         self.started_at = time.time()
@@ -127,7 +138,7 @@ class App:
         self._order.append(name)
         self.hooks.invalidate()
         schemas = [
-            impl.function()
+            cast("dict[str, Any] | None", impl.function())
             for impl in self.pm.hook.config_schema.get_hookimpls()
             if impl.plugin_name == name
         ]
@@ -259,10 +270,17 @@ class App:
     async def _startup(self) -> None:
         try:
             await self.hooks.call_all("startup", app=self)
+            chosen = await self.hooks.call_first("broker", app=self)
         except HookFailed as exc:
             raise StartupError(str(exc)) from exc
+        if chosen is not None:
+            self.broker = chosen
+        await self.broker.start()
         self.pipeline.build()
         self.routes = {"/healthz": self._healthz, "/readyz": self._readyz}
+        self.routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
+        if self.config["server"]["demo"]:
+            self.routes["/"] = _static("demo.html", "text/html; charset=utf-8")
 
         def add_route(method: str, path: str, handler: RouteHandler) -> None:
             if method.upper() != "GET":
@@ -361,6 +379,7 @@ class App:
             self._ready = False
             self._stop = None
             await self.hooks.notify_async("shutdown", app=self)
+            await self.broker.stop()
 
     async def _drain(self) -> None:
         await self.hub.drain(self.config["shutdown"]["grace"])
@@ -406,6 +425,13 @@ class App:
         task = getattr(self, "_task", None)
         if task is not None:
             await task
+
+
+def _static(name: str, content_type: str) -> RouteHandler:
+    """A GET route serving ``backchannel/static/<name>``, read once at start-up."""
+    body = files("backchannel").joinpath("static", name).read_bytes()
+    response = HttpResponse(200, body, content_type, {"Cache-Control": "no-cache"})
+    return lambda request: response
 
 
 def _split(type: str | dict[str, Any], content: Any) -> tuple[str, Any]:

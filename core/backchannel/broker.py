@@ -1,25 +1,72 @@
 """The broker seam (DESIGN §8): what one process shares with the others.
 
-A broker carries room publish/subscribe with offsets and history, session
-outboxes, presence and the idempotency cache. The ``broker`` hook returns one;
-with none, the App runs on its own (one process). This module defines the
-interface; implementations live with the features that use them (the embedded
-in-memory broker, the ``redis`` plugin).
+A broker holds session logs (the outbox that makes resume possible, and the
+answers that make retries safe), room logs (offsets, epochs, bounded history,
+live fan-out) and presence. The kernel ships :class:`~backchannel.memory.MemoryBroker`
+for one process; the ``broker`` hook lets a plugin (redis) supply another with the
+same interface, and one contract suite (``tests/test_broker_contract.py``) runs
+against every broker.
+
+Writes on the per-message path (``SessionLog.append``, ``remember``) are sync and
+must not block: a networked broker buffers them and flushes in the background.
+Reads happen on resume, join and retry, and may wait.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "RoomListener", "SessionLog", "SessionRecord"]
+
+#: Called with each message published to a room this process subscribed to.
+RoomListener = Callable[[dict[str, Any]], None]
+
+
+@runtime_checkable
+class SessionLog(Protocol):
+    """One session's durable part: its outbox and the answers it gave."""
+
+    def append(self, seq: int, frame: bytes) -> None:
+        """Keep frame ``seq`` (encoded) for resume; trims to the configured bounds."""
+
+    async def since(self, seq: int) -> list[bytes] | None:
+        """Frames after ``seq`` in order, or None when the log no longer covers ``seq + 1``."""
+
+    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
+        """Keep the terminal answer (``{"type", "content", "fingerprint"}``) of a request."""
+
+    async def recall(self, request_id: str) -> dict[str, Any] | None:
+        """The answer kept for ``request_id`` within the dedupe window, or None."""
+
+
+class SessionRecord(Protocol):
+    """What a broker knows of a session it was asked to find."""
+
+    @property
+    def principal_id(self) -> str: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def log(self) -> SessionLog: ...
 
 
 @runtime_checkable
 class Broker(Protocol):
-    """Lifecycle and readiness every broker shares; feature methods are added per feature."""
+    """Sessions, rooms and presence, shared by every process using this broker."""
 
     #: short name for logs and metrics (``memory``, ``redis``).
     name: str
+
+    @property
+    def epoch(self) -> str:
+        """Changes whenever the broker lost its data (restart of an in-memory store)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether requests that need the broker can be served now (``/readyz``)."""
 
     async def start(self) -> None:
         """Connect; called once at App start-up."""
@@ -27,6 +74,60 @@ class Broker(Protocol):
     async def stop(self) -> None:
         """Disconnect; called once at App shutdown."""
 
-    @property
-    def ready(self) -> bool:
-        """Whether requests that need the broker can be served now (``/readyz``)."""
+    # sessions ---------------------------------------------------------------
+
+    def open_session(self, session_id: str, principal_id: str) -> SessionLog:
+        """Create the log of a new session."""
+
+    async def find_session(self, session_id: str) -> SessionRecord | None:
+        """The live (attached or not yet expired) session ``session_id``, or None."""
+
+    def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:
+        """The session's last connection closed: keep it ``ttl`` seconds more."""
+
+    def attach_session(self, session_id: str) -> None:
+        """A connection resumed the session: it no longer expires."""
+
+    def drop_session(self, session_id: str) -> None:
+        """Forget the session now."""
+
+    def expired_sessions(self) -> list[str]:
+        """Ids of detached sessions past their ttl (removed by this call)."""
+
+    # rooms ------------------------------------------------------------------
+
+    async def publish(
+        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+    ) -> dict[str, Any]:
+        """Give ``message`` the room's next offset and epoch, keep it, fan it out.
+
+        Returns the stored message (``message`` plus ``room``, ``offset``,
+        ``epoch``). History keeps at most ``history_size`` messages no older than
+        ``history_ttl`` seconds. Every listener subscribed to ``room``, in any
+        process, is called with it, in offset order.
+        """
+
+    async def room_since(
+        self, room: str, offset: int, epoch: str
+    ) -> tuple[list[dict[str, Any]] | None, int, str]:
+        """Messages after ``offset`` if history covers them (else None), plus the
+        room's current offset and epoch (pass ``epoch=""`` to ask only for those)."""
+
+    def subscribe(self, room: str, listener: RoomListener) -> None:
+        """Call ``listener`` with every message published to ``room`` from now on."""
+
+    def unsubscribe(self, room: str, listener: RoomListener) -> None:
+        """Stop calling ``listener`` for ``room``."""
+
+    # presence ---------------------------------------------------------------
+
+    async def presence_add(self, room: str, member: str, key: str) -> bool:
+        """``member`` is present in ``room`` through ``key`` (a connection).
+
+        True when ``member`` was not present before."""
+
+    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+        """Remove one presence ``key``; True if ``member`` is no longer present at all."""
+
+    async def presence(self, room: str) -> list[str]:
+        """Members present in ``room``, sorted."""

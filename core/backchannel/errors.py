@@ -52,6 +52,7 @@ class CloseCode(enum.IntEnum):
     UNAUTHORIZED = 4001
     FORBIDDEN = 4003
     TOKEN_EXPIRED = 4008
+    SESSION_TAKEN = 4009
 
 
 class BackchannelError(Exception):

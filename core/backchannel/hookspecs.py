@@ -17,7 +17,8 @@ Failure policy, by kind of hook:
 * set-up hooks (``config_schema``, ``startup``, ``message_types``, ``wrap_handler``,
   ``broker``, ``http_routes``) fail start-up, naming the plugin;
 * observers (``connection_added``, ``connection_removed``, ``message_received``,
-  ``message_sent``, ``error``, ``alert``, ``on_error``, ``disconnect``, ``shutdown``)
+  ``message_sent``, ``error``, ``alert``, ``on_error``, ``disconnect``,
+  ``session_resumed``, ``session_expired``, ``shutdown``)
   log the failure with the plugin's name, count it, and carry on.
 
 Hooks marked *sync only* are on the hot path and must not return an awaitable.
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .app import App
     from .broker import Broker
     from .errors import BackchannelError
-    from .hub import Connection
+    from .hub import Connection, Session
     from .model import Message, Principal
 
 __all__ = ["hookimpl", "hookspec", "PROJECT"]
@@ -210,8 +211,12 @@ def on_error(message: Message | None, connection: Connection, error: BaseExcepti
 
 
 @hookspec
-def message_sent(connection: Connection, frame: dict[str, Any]) -> None:
-    """Observer, sync only: a frame was queued to a connection (after ``seq``)."""
+def message_sent(connection: Connection | None, frame: dict[str, Any]) -> None:
+    """Observer, sync only: a frame was sent to a session (after ``seq``).
+
+    ``connection`` is None when the session has no connection right now: the
+    frame waits in the session's outbox for a resume.
+    """
 
 
 @hookspec
@@ -234,6 +239,21 @@ def disconnect(connection: Connection, code: int) -> None:
 
     Called for every plugin; may return an awaitable. Failures are logged.
     """
+
+
+@hookspec
+def session_resumed(session: Session, connection: Connection) -> None:
+    """A connection resumed ``session`` (after its missed frames were replayed).
+
+    Called for every plugin; may return an awaitable (e.g. to restore presence).
+    Failures are logged.
+    """
+
+
+@hookspec
+def session_expired(session: Session) -> None:
+    """Observer, sync only: ``session`` outlived ``session.ttl`` without a connection
+    and is gone; release what it held (room memberships, ...)."""
 
 
 @hookspec

@@ -9,6 +9,7 @@ graceful shutdown.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import orjson
 
+from .broker import Broker, SessionLog
 from .contracts import decode, encode, violations
 from .errors import BackchannelError, CloseCode, ErrorCode, Reject
 from .hooks import HookFailed
@@ -35,6 +37,8 @@ __all__ = ["Connection", "Hub", "Job", "Session", "Transport", "now_iso"]
 log = logging.getLogger("backchannel.connection")
 
 _BOOT = os.urandom(3).hex()
+#: prefix of anonymous principals' ids
+ANONYMOUS = "anonymous:"
 _frame_ids = itertools.count(1)
 _ts_ms = -1
 _ts_text = ""
@@ -69,16 +73,101 @@ class Transport(Protocol):
 
 
 class Session:
-    """A client's conversation: numbers frames with ``seq`` and outlives connections."""
+    """A client's conversation: numbers frames with ``seq`` and outlives connections.
 
-    __slots__ = ("id", "principal_id", "seq", "connection", "stash")
+    Frames go through the session: each is numbered, kept in the broker's session
+    log (the outbox that makes resume possible) and written to the attached
+    connection, if any. Requests belong to the session too: ``pending`` holds the
+    ones queued or running, so a retry is attached instead of run twice.
+    """
 
-    def __init__(self, principal_id: str) -> None:
-        self.id = "s-" + os.urandom(12).hex()
+    __slots__ = ("id", "principal_id", "seq", "connection", "stash", "log", "hub", "pending")
+
+    def __init__(
+        self,
+        hub: Hub,
+        principal_id: str,
+        *,
+        session_id: str | None = None,
+        log: SessionLog | None = None,
+        seq: int = 0,
+    ) -> None:
+        self.hub = hub
+        self.id = session_id or "s-" + os.urandom(12).hex()
         self.principal_id = principal_id
-        self.seq = 0
+        self.seq = seq
         self.connection: Connection | None = None
         self.stash = Stash()
+        self.log = log if log is not None else hub.broker.open_session(self.id, principal_id)
+        self.pending: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} seq={self.seq}>"
+
+    def send(self, type: str, content: Any, reply_to: str | None = None) -> int:
+        """Number, keep and deliver one frame; returns its ``seq``.
+
+        Raises ``TypeError`` (and sends nothing) when ``content`` is not JSON.
+        A terminal answer (``replyTo`` set, not a ``chunk``) is remembered for
+        safe retries.
+        """
+        seq = self.seq + 1
+        frame: dict[str, Any] = {"id": f"{_BOOT}-{next(_frame_ids)}", "type": type}
+        if reply_to is not None or type == "error":
+            frame["replyTo"] = reply_to
+        frame["content"] = content
+        frame["seq"] = seq
+        frame["timestamp"] = now_iso()
+        data = encode(frame)
+        self.seq = seq
+        self.log.append(seq, data)
+        if reply_to is not None and type != "chunk" and not _retryable(type, content):
+            request = self.pending.get(reply_to)
+            if isinstance(request, Job):
+                request = request.message
+            self.log.remember(
+                reply_to,
+                {
+                    "type": type,
+                    "content": content,
+                    "request": request.content if request is not None else None,
+                },
+            )
+        hub = self.hub
+        hub.frames_sent += 1
+        conn = self.connection
+        if conn is not None:
+            conn._write(data)
+        if hub.app.pipeline.observe_sent:
+            hub.app.hooks.notify("message_sent", connection=conn, frame=frame)
+        return seq
+
+
+class _NoLog:
+    """The log of a session whose connection is not admitted yet (keeps nothing)."""
+
+    def append(self, seq: int, frame: bytes) -> None:
+        return None
+
+    async def since(self, seq: int) -> list[bytes] | None:
+        return None
+
+    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
+        return None
+
+    async def recall(self, request_id: str) -> dict[str, Any] | None:
+        return None
+
+
+_UNADMITTED = _NoLog()
+
+
+def _retryable(type: str, content: Any) -> bool:
+    """Errors that say "try again": not remembered, so a retry runs the request."""
+    return type == "error" and content.get("code") in _RETRYABLE
+
+
+_RETRYABLE = frozenset({"overloaded", "shutting_down", "rate_limited"})
 
 
 class Job(Interruptible):
@@ -123,6 +212,8 @@ class Connection:
         "_closing",
         "_blocked_at",
         "_backlog",
+        "_left",
+        "_early",
         "runtime",
     )
 
@@ -137,7 +228,8 @@ class Connection:
         self.transport = transport
         self.runtime = runtime
         self.principal: Principal | None = None
-        self.session = Session("")
+        # The session gets its principal and its broker log once admitted.
+        self.session = Session(self.hub, "", log=_UNADMITTED)
         self.session.connection = self
         self.stash = Stash()
         self.opened_at = time.time()
@@ -150,6 +242,8 @@ class Connection:
         self._closing = 0  # close code the server sent (0: none yet)
         self._blocked_at: float | None = None  # the transport's blocked_since we count for
         self._backlog = 0  # frames written since then (bounded by send_queue_size)
+        self._left = False
+        self._early: list[str | bytes] | None = []  # messages that arrived before admission
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} session={self.session.id}>"
@@ -157,35 +251,23 @@ class Connection:
     # ------------------------------------------------------------------ output
 
     def send(self, type: str, content: Any, reply_to: str | None = None) -> int:
-        """Send one frame to this connection's session; returns its ``seq``.
+        """Send one frame to this connection's session (see :meth:`Session.send`)."""
+        return self.session.send(type, content, reply_to)
 
-        Raises ``TypeError`` (and sends nothing) when ``content`` is not JSON.
-        """
-        session = self.session
-        seq = session.seq + 1
-        frame: dict[str, Any] = {"id": f"{_BOOT}-{next(_frame_ids)}", "type": type}
-        if reply_to is not None or type == "error":
-            frame["replyTo"] = reply_to
-        frame["content"] = content
-        frame["seq"] = seq
-        frame["timestamp"] = now_iso()
-        data = encode(frame)
-        session.seq = seq
-        if self.close_code is None:
-            transport = self.transport
-            transport.write(data)
-            blocked = transport.blocked_since
-            if blocked is not None:  # the peer is not reading: this frame waits in the queue
-                if blocked != self._blocked_at:
-                    self._blocked_at = blocked
-                    self._backlog = 0
-                self._backlog += 1
-                if self._backlog > self.hub.send_queue_size and not self._closing:
-                    self.app.slow_consumer(self, "send queue full")
-        self.hub.frames_sent += 1
-        if self.app.pipeline.observe_sent:
-            self.app.hooks.notify("message_sent", connection=self, frame=frame)
-        return seq
+    def _write(self, data: bytes) -> None:
+        """Write an encoded frame; close a client whose queue overflows (1013)."""
+        if self.close_code is not None:
+            return
+        transport = self.transport
+        transport.write(data)
+        blocked = transport.blocked_since
+        if blocked is not None:  # the peer is not reading: this frame waits in the queue
+            if blocked != self._blocked_at:
+                self._blocked_at = blocked
+                self._backlog = 0
+            self._backlog += 1
+            if self._backlog > self.hub.send_queue_size and not self._closing:
+                self.app.slow_consumer(self, "send queue full")
 
     def send_error(
         self, reply_to: str | None, error: BackchannelError, message: Message | None = None
@@ -230,6 +312,13 @@ class Connection:
 
     def on_message(self, payload: str | bytes) -> None:
         """A complete WebSocket message arrived (called by the driver)."""
+        early = self._early
+        if early is not None:  # not admitted yet: nothing is answered before that
+            if len(early) < self.app.pipeline.max_queued:
+                early.append(payload)
+            else:
+                self.close(CloseCode.POLICY_VIOLATION, "too many messages before admission")
+            return
         hub = self.hub
         hub.frames_received += 1
         if type(payload) is not str:
@@ -268,12 +357,24 @@ class Connection:
                 BackchannelError(ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect"),
             )
             return
+        pending = self.session.pending
+        if message.id in pending:  # a retry of a request still queued or running: attach
+            hub.retries += 1
+            log.info(
+                "retry attached conn=%s session=%s msg=%s",
+                self.id,
+                self.session.id,
+                message.id,
+                extra={"connection_id": self.id, "message_id": message.id},
+            )
+            return
         if len(self._queue) >= pipeline.max_queued:
             self.send_error(
                 message.id,
                 BackchannelError(ErrorCode.OVERLOADED, "too many requests waiting; retry later"),
             )
             return
+        pending[message.id] = message
         self._queue.append(message)
         self._signal.set()
 
@@ -306,6 +407,7 @@ class Connection:
         for queued in self._queue:
             if queued.id == target:
                 self._queue.remove(queued)
+                self.session.pending.pop(target, None)
                 self.send_error(
                     target, BackchannelError(ErrorCode.CANCELLED, "cancelled by the client")
                 )
@@ -325,11 +427,17 @@ class Connection:
         # report why the server closed it, not the 1006 of the dropped TCP connection.
         self.close_code = self._closing or code
         self._signal.set()
+        if self.accepted:  # leave now; queued and running requests go on for the session
+            self.runtime.spawn(self._leave)
 
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
-        """The connection's task: admit it, then handle its requests in order."""
+        """The connection's task: admit it, then handle its requests in order.
+
+        Requests still queued when the connection closes are handled anyway: they
+        belong to the session, and their answers wait in its outbox for a resume.
+        """
         hub = self.hub
         app = self.app
         try:
@@ -343,13 +451,99 @@ class Connection:
             hub.add(self)
             self.accepted = True
             app.hooks.notify("connection_added", connection=self)
+            early, self._early = self._early, None
+            for payload in early or ():
+                self.on_message(payload)
+            if self.close_code is not None:  # closed while being admitted
+                self.runtime.spawn(self._leave)
             await self._serve()
         finally:
-            if self.accepted:
-                hub.remove(self)
-                code = self.close_code if self.close_code is not None else 1006
-                await app.hooks.notify_async("disconnect", connection=self, code=code)
-                app.hooks.notify("connection_removed", connection=self, code=code)
+            if not self.accepted:
+                self._detach()
+
+    async def _leave(self) -> None:
+        """Once per accepted connection: unregister, detach the session, run hooks."""
+        if self._left:
+            return
+        self._left = True
+        self._detach()
+        code = self.close_code if self.close_code is not None else 1006
+        try:
+            await self.app.hooks.notify_async("disconnect", connection=self, code=code)
+        finally:
+            self.hub.remove(self)
+            self.app.hooks.notify("connection_removed", connection=self, code=code)
+
+    def _detach(self) -> None:
+        session = self.session
+        if session.log is _UNADMITTED:
+            session.connection = None
+            return
+        if session.connection is self:
+            session.connection = None
+            self.hub.broker.detach_session(
+                session.id, session.seq, self.app.config["session"]["ttl"]
+            )
+
+    async def resume(self, session_id: str, last_seq: int) -> dict[str, Any]:
+        """Continue session ``session_id`` on this connection, replaying what it missed.
+
+        Frames with ``seq > last_seq`` are written now, in order, before any new
+        frame. Returns ``{"resumed": True, "missed": N}``, or ``{"resumed": False,
+        "reason": ...}`` when the gap cannot be filled (the connection keeps its
+        new session). Raises ``forbidden`` for another principal's session.
+        """
+        hub = self.hub
+        broker = hub.broker
+        fresh = self.session
+        if session_id == fresh.id:
+            return {"resumed": True, "missed": 0}
+        record = await broker.find_session(session_id)
+        if record is None:
+            return {"resumed": False, "reason": "unknown_session"}
+        principal = self.principal
+        assert principal is not None
+        if record.principal_id != principal.id:
+            # An anonymous session is a bearer token: its unguessable id is the
+            # credential, so another anonymous connection may take it over.
+            if not (principal.anonymous and record.principal_id.startswith(ANONYMOUS)):
+                raise BackchannelError(
+                    ErrorCode.FORBIDDEN, "this session belongs to another principal"
+                )
+            self.principal = dataclasses.replace(principal, id=record.principal_id)
+        if last_seq > record.last_seq:
+            return {"resumed": False, "reason": "ahead"}
+        frames = await record.log.since(last_seq)
+        if frames is None:
+            return {"resumed": False, "reason": "trimmed"}
+        session = hub.sessions.get(session_id)
+        if session is None:  # made by another process sharing the broker
+            session = Session(
+                hub,
+                record.principal_id,
+                session_id=session_id,
+                log=record.log,
+                seq=record.last_seq,
+            )
+            hub.sessions[session_id] = session
+        previous = session.connection
+        session.connection = self
+        self.session = session
+        broker.attach_session(session_id)
+        if previous is not None and previous is not self:
+            previous.close(CloseCode.SESSION_TAKEN, "session resumed by another connection")
+        if not fresh.pending:
+            hub.sessions.pop(fresh.id, None)
+            broker.drop_session(fresh.id)
+        for data in frames:
+            self._write(data)
+        replayed = last_seq + len(frames)
+        if session.seq > replayed:  # frames added while the log was read (networked broker)
+            for data in await record.log.since(replayed) or ():
+                self._write(data)
+        hub.resumes += 1
+        await self.app.hooks.notify_async("session_resumed", session=session, connection=self)
+        return {"resumed": True, "missed": session.seq - last_seq}
 
     async def _admit(self) -> bool:
         app = self.app
@@ -365,12 +559,15 @@ class Connection:
                 if not auth["allow_anonymous"]:
                     raise Reject(CloseCode.UNAUTHORIZED, "authentication required")
                 principal = Principal(
-                    "anonymous:" + self.id[2:],
+                    ANONYMOUS + self.id[2:],
                     frozenset(auth["anonymous_permissions"]),
                     anonymous=True,
                 )
             self.principal = principal
-            self.session.principal_id = principal.id
+            session = self.session
+            session.principal_id = principal.id
+            session.log = hub.broker.open_session(session.id, principal.id)
+            hub.sessions[session.id] = session
             await app.hooks.call_all("connect", connection=self)
         except Reject as exc:
             hub.count_close(exc.code)
@@ -408,8 +605,15 @@ class Connection:
             self._signal.set()
 
     async def _handle(self, message: Message, pipeline: Any) -> None:
+        session = self.session
+        answered = await session.log.recall(message.id)
+        if answered is not None:
+            session.pending.pop(message.id, None)
+            self._answer_again(message, answered)
+            return
         job = Job(message, self)
         self._jobs[message.id] = job
+        session.pending[message.id] = job
         hub = self.hub
         hub.running.add(job)
         try:
@@ -417,6 +621,22 @@ class Connection:
         finally:
             hub.running.discard(job)
             self._jobs.pop(message.id, None)
+            session.pending.pop(message.id, None)
+
+    def _answer_again(self, message: Message, answered: dict[str, Any]) -> None:
+        """A retry of an answered request: send the original answer again, run nothing."""
+        self.hub.retries += 1
+        differs = answered.get("request") is not None and answered["request"] != message.content
+        log.log(
+            logging.WARNING if differs else logging.INFO,
+            "retry of answered request%s conn=%s session=%s msg=%s: original answer sent again",
+            " with different content" if differs else "",
+            self.id,
+            self.session.id,
+            message.id,
+            extra={"connection_id": self.id, "message_id": message.id},
+        )
+        self.session.send(answered["type"], answered["content"], message.id)
 
     def jobs(self) -> Iterator[Job]:
         """Requests being handled now."""
@@ -433,7 +653,11 @@ class Hub:
         self.app = app
         self.send_queue_size: int = app.config["connection"]["send_queue_size"]
         self.connections: dict[str, Connection] = {}
+        #: sessions known to this process (attached, or detached within session.ttl)
+        self.sessions: dict[str, Session] = {}
         self.running: set[Job] = set()
+        self.retries = 0
+        self.resumes = 0
         self.shutting_down = False
         self.total = 0
         self.peak = 0
@@ -450,6 +674,22 @@ class Hub:
     @property
     def active(self) -> int:
         return len(self.connections)
+
+    @property
+    def broker(self) -> Broker:
+        return self.app.broker
+
+    def expire_sessions(self) -> None:
+        """Forget sessions detached for longer than ``session.ttl``; stop their requests."""
+        for session_id in self.broker.expired_sessions():
+            session = self.sessions.pop(session_id, None)
+            if session is None:
+                continue
+            for job in list(session.pending.values()):
+                if isinstance(job, Job):
+                    job.connection.runtime.interrupt(job, "expired")
+            session.pending.clear()
+            self.app.hooks.notify("session_expired", session=session)
 
     def add(self, connection: Connection) -> None:
         self.connections[connection.id] = connection
@@ -488,9 +728,13 @@ class Hub:
         """Forever: time out handlers and close slow consumers (one tick for all)."""
         slow_after = self.app.config["connection"]["slow_consumer_timeout"]
         interval = self.tick_interval()
+        next_expiry = 0.0
         while True:
             await anyio.sleep(interval)
             now = time.monotonic()
+            if now >= next_expiry:
+                next_expiry = now + 1.0
+                self.expire_sessions()
             for job in list(self.running):
                 if job.deadline and now > job.deadline:
                     job.connection.runtime.interrupt(job, "timeout")

@@ -36,6 +36,7 @@ _INTERRUPTED = {
     "timeout": (ErrorCode.TIMEOUT, "handler did not answer within {timeout:g} s"),
     "cancelled": (ErrorCode.CANCELLED, "cancelled by the client"),
     "shutting_down": (ErrorCode.SHUTTING_DOWN, "server shut down before the handler finished"),
+    "expired": (ErrorCode.CANCELLED, "the session expired"),
 }
 _monotonic = time.monotonic
 _isawaitable = inspect.isawaitable

@@ -264,9 +264,17 @@ async def serve_asyncio(
 class AnyioDriver(_DriverBase):
     """One TCP connection on anyio streams: a reader task, a writer task."""
 
-    def __init__(self, options: ServerOptions, stream: anyio.abc.SocketStream) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        stream: anyio.abc.SocketStream,
+        server_group: anyio.abc.TaskGroup,
+    ) -> None:
         self._init(options)
         self.stream = stream
+        # Endpoints run in the server's task group: requests belong to the session
+        # and outlive this connection's reader and writer.
+        self._server_group = server_group
         try:
             peer = stream.extra(anyio.abc.SocketAttribute.remote_address)
             self.remote = (str(peer[0]), int(peer[1]))
@@ -280,9 +288,9 @@ class AnyioDriver(_DriverBase):
         self._pending_http: HttpRequest | None = None
 
     def _opened(self, request: HttpRequest) -> None:
-        assert self._tg is not None
-        self.endpoint = self.options.endpoint(request, self, AnyioRuntime(self._tg))
-        self._tg.start_soon(self.endpoint.run)
+        group = self._server_group
+        self.endpoint = self.options.endpoint(request, self, AnyioRuntime(group))
+        group.start_soon(self.endpoint.run)
         self._handshaken.set()
 
     def _http(self, request: HttpRequest) -> None:
@@ -372,7 +380,7 @@ class AnyioDriver(_DriverBase):
                     self.endpoint.on_closed(1006 if code is None else int(code))
                 self._eof = True
                 self._wake.set()
-                # Handlers still running get close_timeout to finish, then are cancelled.
+                # The writer gets close_timeout to flush the close frame.
                 tg.cancel_scope.deadline = anyio.current_time() + self.options.close_timeout
         finally:
             await self.stream.aclose()
@@ -392,7 +400,7 @@ async def serve_anyio(
     started(int(bound))
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
-        await AnyioDriver(options, stream).serve()
+        await AnyioDriver(options, stream, task_group).serve()
 
     async with listener:
         await listener.serve(handle, task_group=task_group)

@@ -1,0 +1,244 @@
+"""The embedded in-memory broker: one process, bounded by config, nothing on disk.
+
+Its ``epoch`` is made at start, so after a restart every ``since`` from before
+is answered "not covered" instead of replaying a history that is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .broker import RoomListener
+
+__all__ = ["MemoryBroker"]
+
+log = logging.getLogger("backchannel.broker")
+_monotonic = time.monotonic
+
+
+class _SessionLog:
+    """Outbox (bounded by frames and bytes) and remembered answers of one session."""
+
+    __slots__ = (
+        "principal_id",
+        "last_seq",
+        "frames",
+        "size",
+        "max_frames",
+        "max_bytes",
+        "answers",
+        "window",
+        "max_answers",
+    )
+
+    def __init__(self, principal_id: str, max_frames: int, max_bytes: int, window: float) -> None:
+        self.principal_id = principal_id
+        self.last_seq = 0
+        self.frames: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.answers: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self.window = window
+        self.max_answers = max(max_frames, 64)
+
+    @property
+    def log(self) -> _SessionLog:
+        return self
+
+    def append(self, seq: int, frame: bytes) -> None:
+        frames = self.frames
+        frames.append((seq, frame))
+        self.last_seq = seq
+        self.size += len(frame)
+        while frames and (len(frames) > self.max_frames or self.size > self.max_bytes):
+            self.size -= len(frames.popleft()[1])
+
+    async def since(self, seq: int) -> list[bytes] | None:
+        if seq >= self.last_seq:
+            return []
+        frames = self.frames
+        if not frames or frames[0][0] > seq + 1:
+            return None
+        return [data for s, data in frames if s > seq]
+
+    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
+        answers = self.answers
+        now = _monotonic()
+        answers[request_id] = (now, answer)
+        answers.move_to_end(request_id)
+        while answers:
+            oldest = next(iter(answers.values()))[0]
+            if len(answers) <= self.max_answers and now - oldest <= self.window:
+                break
+            answers.popitem(last=False)
+
+    async def recall(self, request_id: str) -> dict[str, Any] | None:
+        entry = self.answers.get(request_id)
+        if entry is None or _monotonic() - entry[0] > self.window:
+            return None
+        return entry[1]
+
+
+@dataclass
+class _Room:
+    epoch: str
+    offset: int = 0
+    size: int = 1000
+    ttl: float = 3600.0
+    history: deque[tuple[float, dict[str, Any]]] = field(default_factory=deque)
+    listeners: list[RoomListener] = field(default_factory=list)
+
+
+class MemoryBroker:
+    """Sessions, rooms and presence in this process's memory."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        *,
+        outbox_size: int = 1000,
+        outbox_max_bytes: int = 1 << 20,
+        dedupe_window: float = 300.0,
+    ) -> None:
+        self._epoch = os.urandom(4).hex()
+        self.outbox_size = outbox_size
+        self.outbox_max_bytes = outbox_max_bytes
+        self.dedupe_window = dedupe_window
+        self.sessions: dict[str, _SessionLog] = {}
+        self.detached: dict[str, float] = {}
+        self.rooms: dict[str, _Room] = {}
+        self.present: dict[str, dict[str, set[str]]] = {}
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    # sessions ---------------------------------------------------------------
+
+    def open_session(self, session_id: str, principal_id: str) -> _SessionLog:
+        entry = _SessionLog(
+            principal_id, self.outbox_size, self.outbox_max_bytes, self.dedupe_window
+        )
+        self.sessions[session_id] = entry
+        return entry
+
+    async def find_session(self, session_id: str) -> _SessionLog | None:
+        return self.sessions.get(session_id)
+
+    def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:
+        if session_id in self.sessions:
+            self.detached[session_id] = _monotonic() + ttl
+
+    def attach_session(self, session_id: str) -> None:
+        self.detached.pop(session_id, None)
+
+    def drop_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+        self.detached.pop(session_id, None)
+
+    def expired_sessions(self) -> list[str]:
+        now = _monotonic()
+        gone = [sid for sid, until in self.detached.items() if until <= now]
+        for sid in gone:
+            self.drop_session(sid)
+        return gone
+
+    def memory_bytes(self) -> int:
+        """Bytes held by session outboxes (frames only), for budgets and metrics."""
+        return sum(entry.size for entry in self.sessions.values())
+
+    # rooms ------------------------------------------------------------------
+
+    def _room(self, room: str) -> _Room:
+        state = self.rooms.get(room)
+        if state is None:
+            state = self.rooms[room] = _Room(self._epoch)
+        return state
+
+    @staticmethod
+    def _trim(state: _Room) -> None:
+        history = state.history
+        horizon = _monotonic() - state.ttl
+        while history and (len(history) > state.size or history[0][0] < horizon):
+            history.popleft()
+
+    async def publish(
+        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+    ) -> dict[str, Any]:
+        state = self._room(room)
+        state.size, state.ttl = history_size, history_ttl
+        state.offset += 1
+        stored = {**message, "room": room, "offset": state.offset, "epoch": state.epoch}
+        state.history.append((_monotonic(), stored))
+        self._trim(state)
+        for listener in list(state.listeners):
+            try:
+                listener(stored)
+            except Exception:
+                log.exception("room listener failed room=%s", room)
+        return stored
+
+    async def room_since(
+        self, room: str, offset: int, epoch: str
+    ) -> tuple[list[dict[str, Any]] | None, int, str]:
+        state = self._room(room)
+        self._trim(state)
+        if epoch != state.epoch or offset > state.offset:
+            return None, state.offset, state.epoch
+        if offset == state.offset:
+            return [], state.offset, state.epoch
+        history = state.history
+        if not history or history[0][1]["offset"] > offset + 1:
+            return None, state.offset, state.epoch
+        return [m for _, m in history if m["offset"] > offset], state.offset, state.epoch
+
+    def subscribe(self, room: str, listener: RoomListener) -> None:
+        listeners = self._room(room).listeners
+        if listener not in listeners:
+            listeners.append(listener)
+
+    def unsubscribe(self, room: str, listener: RoomListener) -> None:
+        state = self.rooms.get(room)
+        if state is not None and listener in state.listeners:
+            state.listeners.remove(listener)
+
+    # presence ---------------------------------------------------------------
+
+    async def presence_add(self, room: str, member: str, key: str) -> bool:
+        members = self.present.setdefault(room, {})
+        keys = members.setdefault(member, set())
+        keys.add(key)
+        return len(keys) == 1
+
+    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+        members = self.present.get(room, {})
+        keys = members.get(member)
+        if keys is None or key not in keys:
+            return False
+        keys.discard(key)
+        if keys:
+            return False
+        del members[member]
+        if not members:
+            self.present.pop(room, None)
+        return True
+
+    async def presence(self, room: str) -> list[str]:
+        return sorted(self.present.get(room, {}))

@@ -1,0 +1,226 @@
+"""Rooms: ordered, resumable group chat with presence.
+
+``join``/``leave``/``presence`` are this plugin's types; ``text`` with a ``room``
+is published to that room through a ``wrap_handler`` around the text plugin's
+handler. Membership belongs to the session (it survives reconnects and ends when
+the session expires); presence follows connections. Offsets, epochs, history and
+fan-out across processes are the broker's (``app.broker``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from backchannel import (
+    App,
+    BackchannelError,
+    Connection,
+    ErrorCode,
+    Message,
+    Session,
+    hookimpl,
+)
+from backchannel.contracts import load_schema
+
+__all__ = ["Plugin"]
+
+_PKG = "backchannel_rooms"
+
+
+def _require(connection: Connection, action: str, room: str) -> None:
+    permission = f"rooms:{action}:{room}"
+    principal = connection.principal
+    if principal is None or not principal.allows(permission):
+        raise BackchannelError(ErrorCode.FORBIDDEN, f"permission {permission!r} is required")
+
+
+def _public(stored: dict[str, Any]) -> dict[str, Any]:
+    """The room message as clients see it (without the sender's session id)."""
+    return {k: v for k, v in stored.items() if k != "session"}
+
+
+class Plugin:
+    """Registers ``join``, ``leave``, ``presence``; publishes ``text`` with a room."""
+
+    def __init__(self) -> None:
+        self.app: App | None = None
+        self.history_size = 1000
+        self.history_ttl = 3600.0
+        self.max_rooms = 100
+        #: room -> ids of member sessions in this process.
+        self.members: dict[str, set[str]] = {}
+        #: session id -> rooms it is a member of.
+        self.joined: dict[str, set[str]] = {}
+        self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+    # set-up -----------------------------------------------------------------
+
+    @hookimpl
+    def config_schema(self) -> dict[str, Any]:
+        return load_schema(_PKG, "rooms.config.schema.json")
+
+    @hookimpl
+    def startup(self, app: App) -> None:
+        self.app = app
+        cfg = app.plugin_config("rooms")
+        self.history_size = cfg["history_size"]
+        self.history_ttl = cfg["history_ttl"]
+        self.max_rooms = cfg["max_rooms_per_session"]
+
+    @hookimpl
+    def message_types(self, register: Callable[..., None]) -> None:
+        register("join", schema=load_schema(_PKG, "join.schema.json"), handler=self.join)
+        register("leave", schema=load_schema(_PKG, "leave.schema.json"), handler=self.leave)
+        register(
+            "presence", schema=load_schema(_PKG, "presence.schema.json"), handler=self.presence
+        )
+
+    @hookimpl
+    def wrap_handler(self, type: str, handler: Callable[..., Any]) -> Callable[..., Any] | None:
+        if type != "text":
+            return None
+
+        async def text(message: Message, connection: Connection) -> Any:
+            if "room" in message.content:
+                return await self.publish(message, connection)
+            return handler(message, connection)
+
+        return text
+
+    # handlers ---------------------------------------------------------------
+
+    @property
+    def _app(self) -> App:
+        assert self.app is not None, "rooms plugin used before startup"
+        return self.app
+
+    async def join(self, message: Message, connection: Connection) -> dict[str, Any]:
+        room: str = message.content["room"]
+        _require(connection, "join", room)
+        session = connection.session
+        rooms = self.joined.setdefault(session.id, set())
+        if room not in rooms and len(rooms) >= self.max_rooms:
+            raise BackchannelError(
+                ErrorCode.FORBIDDEN, f"a session may join at most {self.max_rooms} rooms"
+            )
+        broker = self._app.broker
+        since = message.content.get("since")
+        self._add_member(room, session.id)
+        reply: dict[str, Any] = {"room": room}
+        if since is not None:
+            missed, offset, epoch = await broker.room_since(room, since["offset"], since["epoch"])
+            reply["recovered"] = missed is not None
+            reply["missed"] = len(missed or ())
+            for stored in missed or ():
+                session.send("text", _public(stored))
+        else:
+            _, offset, epoch = await broker.room_since(room, 0, "")
+        await self._present(room, connection)
+        reply.update(members=await broker.presence(room), offset=offset, epoch=epoch)
+        return reply
+
+    async def leave(self, message: Message, connection: Connection) -> None:
+        room: str = message.content["room"]
+        session = connection.session
+        if room not in self.joined.get(session.id, ()):
+            raise BackchannelError(
+                ErrorCode.VALIDATION_FAILED,
+                "content.room: not a member of this room",
+                details=[{"path": "content.room", "rule": "not a member of this room"}],
+            )
+        await self._absent(room, connection)
+        self._remove_member(room, session.id)
+
+    async def presence(self, message: Message, connection: Connection) -> dict[str, Any]:
+        room: str = message.content["room"]
+        _require(connection, "presence", room)
+        return {"room": room, "members": await self._app.broker.presence(room)}
+
+    async def publish(self, message: Message, connection: Connection) -> dict[str, Any]:
+        room: str = message.content["room"]
+        session = connection.session
+        if room not in self.joined.get(session.id, ()):
+            raise BackchannelError(ErrorCode.FORBIDDEN, "join the room before publishing to it")
+        _require(connection, "publish", room)
+        stored = await self._app.broker.publish(
+            room,
+            {"from": session.principal_id, "text": message.content["text"], "session": session.id},
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+        )
+        return _public(stored)
+
+    # membership, fan-out, presence ------------------------------------------
+
+    def _add_member(self, room: str, session_id: str) -> None:
+        self.joined.setdefault(session_id, set()).add(room)
+        members = self.members.setdefault(room, set())
+        if not members:
+            listener = partial(self._fan_out, room)
+            self._listeners[room] = listener
+            self._app.broker.subscribe(room, listener)
+        members.add(session_id)
+
+    def _remove_member(self, room: str, session_id: str) -> None:
+        rooms = self.joined.get(session_id)
+        if rooms is not None:
+            rooms.discard(room)
+            if not rooms:
+                del self.joined[session_id]
+        members = self.members.get(room)
+        if members is None:
+            return
+        members.discard(session_id)
+        if not members:
+            del self.members[room]
+            listener = self._listeners.pop(room, None)
+            if listener is not None:
+                self._app.broker.unsubscribe(room, listener)
+
+    def _fan_out(self, room: str, stored: dict[str, Any]) -> None:
+        """Deliver a room message to every local member session but the sender's."""
+        sessions = self._app.hub.sessions
+        content = _public(stored)
+        for session_id in list(self.members.get(room, ())):
+            if session_id == stored.get("session"):
+                continue
+            session = sessions.get(session_id)
+            if session is not None:
+                session.send("text", content)
+
+    def _notify(self, room: str, event: str, member: str, skip: str | None = None) -> None:
+        sessions = self._app.hub.sessions
+        content = {"room": room, "event": event, "member": member}
+        for session_id in list(self.members.get(room, ())):
+            session = sessions.get(session_id)
+            if session is not None and session_id != skip:
+                session.send("presence", content)
+
+    async def _present(self, room: str, connection: Connection) -> None:
+        member = connection.session.principal_id
+        if await self._app.broker.presence_add(room, member, connection.id):
+            self._notify(room, "join", member, skip=connection.session.id)
+
+    async def _absent(self, room: str, connection: Connection) -> None:
+        member = connection.session.principal_id
+        if await self._app.broker.presence_remove(room, member, connection.id):
+            self._notify(room, "leave", member, skip=connection.session.id)
+
+    # lifecycle --------------------------------------------------------------
+
+    @hookimpl
+    async def disconnect(self, connection: Connection, code: int) -> None:
+        for room in list(self.joined.get(connection.session.id, ())):
+            await self._absent(room, connection)
+
+    @hookimpl
+    async def session_resumed(self, session: Session, connection: Connection) -> None:
+        for room in list(self.joined.get(session.id, ())):
+            await self._present(room, connection)
+
+    @hookimpl
+    def session_expired(self, session: Session) -> None:
+        for room in list(self.joined.get(session.id, ())):
+            self._remove_member(room, session.id)
