@@ -7,6 +7,7 @@ clients are connected, traffic starts; the first ``--warmup`` seconds are not me
 
 * msgs/s: answers received in the window; latency p50/p99 (send -> answer) of those answers;
 * errors: ``type == "error"`` answers, unanswered requests, and connection failures;
+* deflate_negotiated: how many connections the server accepted permessage-deflate on;
 * server CPU-µs per message: utime+stime of ``--server-pid`` and its descendants (so that a
   ``uv run`` wrapper or worker processes are covered) from /proc, window end minus start;
 * the generator's own CPU (its worker processes), same method.
@@ -76,6 +77,7 @@ class Tally:
     answers: int = 0
     errors: int = 0
     lost: int = 0
+    deflate: int = 0  # connections whose handshake answer accepted permessage-deflate
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
     samples: list[str] = field(default_factory=list)
 
@@ -161,6 +163,9 @@ async def worker_main(sc: Scenario, names: list[str], pipe: Connection) -> None:
     for conn, name in zip(opened, names, strict=True):
         if isinstance(conn, ClientConnection):
             clients.append((conn, name))
+            assert conn.response is not None
+            extensions = conn.response.headers.get("Sec-WebSocket-Extensions", "")
+            tally.deflate += "permessage-deflate" in extensions
         else:
             tally.error(f"connect: {conn!r}")
     pipe.send("ready")
@@ -175,7 +180,14 @@ async def worker_main(sc: Scenario, names: list[str], pipe: Connection) -> None:
     await asyncio.gather(*(ws.close() for ws, _ in clients), return_exceptions=True)
     tally.errors += tally.lost
     pipe.send(
-        (tally.answers, tally.errors, tally.lost, tally.latencies_ms.tobytes(), tally.samples)
+        (
+            tally.answers,
+            tally.errors,
+            tally.lost,
+            tally.deflate,
+            tally.latencies_ms.tobytes(),
+            tally.samples,
+        )
     )
 
 
@@ -219,12 +231,12 @@ def run_load(sc: Scenario) -> dict[str, Any]:
     time.sleep(max(0.0, t1 - time.monotonic()))
     srv1, gen1 = cpu_us(process_tree(sc.server_pid)), cpu_us(gen_pids)
 
-    answers = errors = lost = 0
+    answers = errors = lost = deflate = 0
     latencies = array("d")
     samples: list[str] = []
     for pipe, proc in zip(pipes, workers, strict=True):
-        a, e, lo, lat, smp = pipe.recv()
-        answers, errors, lost = answers + a, errors + e, lost + lo
+        a, e, lo, d, lat, smp = pipe.recv()
+        answers, errors, lost, deflate = answers + a, errors + e, lost + lo, deflate + d
         latencies.frombytes(lat)
         samples += smp
         proc.join()
@@ -236,6 +248,7 @@ def run_load(sc: Scenario) -> dict[str, Any]:
         "p99_ms": percentile(lat_sorted, 0.99),
         "errors": errors,
         "lost": lost,
+        "deflate_negotiated": deflate,
         "error_samples": samples,
         "server_cpu_us_per_msg": (srv1 - srv0) / answers if answers else None,
         "server_cpu_pct": 100 * (srv1 - srv0) / (sc.duration * 1e6),
