@@ -111,6 +111,7 @@ class App:
             outbox_size=session["outbox_size"],
             outbox_max_bytes=session["outbox_max_bytes"],
             dedupe_window=session["dedupe_window"],
+            dedupe_size=session["dedupe_size"],
         )
         self.hub = Hub(self)
         self.pipeline = Pipeline(self)

@@ -14,7 +14,7 @@ Reads happen on resume, join and retry, and may wait.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Broker", "RoomListener", "SessionLog", "SessionRecord"]
@@ -33,11 +33,18 @@ class SessionLog(Protocol):
     async def since(self, seq: int) -> list[bytes] | None:
         """Frames after ``seq`` in order, or None when the log no longer covers ``seq + 1``."""
 
-    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
-        """Keep the terminal answer (``{"type", "content", "fingerprint"}``) of a request."""
+    def remember(self, request_id: str, seq: int, digest: int) -> None:
+        """Request ``request_id`` (whose bytes hash to ``digest``) was answered by frame ``seq``."""
 
-    async def recall(self, request_id: str) -> dict[str, Any] | None:
-        """The answer kept for ``request_id`` within the dedupe window, or None."""
+    def recall(
+        self, request_id: str
+    ) -> tuple[bytes, int] | Awaitable[tuple[bytes, int] | None] | None:
+        """The answer frame and request digest kept for ``request_id``, or None.
+
+        None when the request is unknown, older than the dedupe window, or its
+        answer frame left the outbox. Called for every request, so an in-memory
+        log answers directly; a networked one may return an awaitable.
+        """
 
 
 class SessionRecord(Protocol):

@@ -10,6 +10,7 @@ graceful shutdown.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
@@ -17,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol
+from zlib import crc32
 
 import anyio
 import orjson
@@ -31,12 +33,14 @@ from .runtime import Interruptible, Runtime
 
 if TYPE_CHECKING:
     from .app import App
+    from .pipeline import Pipeline, Rest
 
 __all__ = ["Connection", "Hub", "Job", "Session", "Transport", "now_iso"]
 
 log = logging.getLogger("backchannel.connection")
 
 _BOOT = os.urandom(3).hex()
+_isawaitable = inspect.isawaitable
 #: prefix of anonymous principals' ids
 ANONYMOUS = "anonymous:"
 _frame_ids = itertools.count(1)
@@ -123,16 +127,10 @@ class Session:
         self.log.append(seq, data)
         if reply_to is not None and type != "chunk" and not _retryable(type, content):
             request = self.pending.get(reply_to)
-            if isinstance(request, Job):
-                request = request.message
-            self.log.remember(
-                reply_to,
-                {
-                    "type": type,
-                    "content": content,
-                    "request": request.content if request is not None else None,
-                },
-            )
+            if request is not None:  # a terminal answer: keep it for safe retries
+                if request.__class__ is Job:
+                    request = request.message
+                self.log.remember(reply_to, seq, request.digest)
         hub = self.hub
         hub.frames_sent += 1
         conn = self.connection
@@ -152,10 +150,10 @@ class _NoLog:
     async def since(self, seq: int) -> list[bytes] | None:
         return None
 
-    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
+    def remember(self, request_id: str, seq: int, digest: int) -> None:
         return None
 
-    async def recall(self, request_id: str) -> dict[str, Any] | None:
+    def recall(self, request_id: str) -> tuple[bytes, int] | None:
         return None
 
 
@@ -207,13 +205,13 @@ class Connection:
         "accepted",
         "_queue",
         "_signal",
-        "_jobs",
         "_in_flight",
         "_closing",
         "_blocked_at",
         "_backlog",
         "_left",
         "_early",
+        "_busy",
         "runtime",
     )
 
@@ -235,15 +233,15 @@ class Connection:
         self.opened_at = time.time()
         self.close_code: int | None = None
         self.accepted = False
-        self._queue: deque[Message] = deque()
+        self._queue: deque[Message | _Continue] = deque()
         self._signal = runtime.signal()
-        self._jobs: dict[str, Job] = {}
         self._in_flight = 0
         self._closing = 0  # close code the server sent (0: none yet)
         self._blocked_at: float | None = None  # the transport's blocked_since we count for
         self._backlog = 0  # frames written since then (bounded by send_queue_size)
         self._left = False
         self._early: list[str | bytes] | None = []  # messages that arrived before admission
+        self._busy = False  # the connection's task is handling a request
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} session={self.session.id}>"
@@ -339,14 +337,15 @@ class Connection:
         if type(data) is not dict or not pipeline.envelope.is_valid(data):
             self._bad_envelope(data)
             return
+        raw = payload.encode()
         message = Message(
             data["id"],
             data["type"],
             data.get("content") or {},
             data.get("sessionId"),
             data.get("timestamp"),
-            # UTF-8 bytes; isascii() is O(1) on str, so ASCII frames cost no encode
-            len(payload) if payload.isascii() else len(payload.encode()),
+            len(raw),
+            crc32(raw),
         )
         if message.type == "cancel":
             self._cancel(message)
@@ -375,8 +374,11 @@ class Connection:
             )
             return
         pending[message.id] = message
-        self._queue.append(message)
-        self._signal.set()
+        if not self._queue and not self._busy and pipeline.max_in_flight == 1:
+            self._handle_now(message, pipeline)  # nothing ahead of it: no task switch
+        else:
+            self._queue.append(message)
+            self._signal.set()
 
     def _bad_envelope(self, data: Any) -> None:
         reply_to = None
@@ -405,7 +407,7 @@ class Connection:
             return
         cancelled = False
         for queued in self._queue:
-            if queued.id == target:
+            if queued.id == target and queued.__class__ is Message:  # not started yet
                 self._queue.remove(queued)
                 self.session.pending.pop(target, None)
                 self.send_error(
@@ -413,9 +415,9 @@ class Connection:
                 )
                 cancelled = True
                 break
-        job = self._jobs.get(target)
-        if job is not None:
-            self.runtime.interrupt(job, "cancelled")
+        job = self.session.pending.get(target)
+        if isinstance(job, Job):  # running, maybe on the session's previous connection
+            job.connection.runtime.interrupt(job, "cancelled")
             cancelled = True
         self.send("ack", {"target": target, "cancelled": cancelled}, message.id)
 
@@ -476,7 +478,7 @@ class Connection:
 
     def _detach(self) -> None:
         session = self.session
-        if session.log is _UNADMITTED:
+        if isinstance(session.log, _NoLog):
             session.connection = None
             return
         if session.connection is self:
@@ -532,9 +534,11 @@ class Connection:
         broker.attach_session(session_id)
         if previous is not None and previous is not self:
             previous.close(CloseCode.SESSION_TAKEN, "session resumed by another connection")
-        if not fresh.pending:
-            hub.sessions.pop(fresh.id, None)
-            broker.drop_session(fresh.id)
+        # Forget the connection's own new session: nothing can resume it, and it is never
+        # detached, so it would never expire. Its pending always holds the request that is
+        # resuming (init), and answers of any other go to ``self.session`` from now on.
+        hub.sessions.pop(fresh.id, None)
+        broker.drop_session(fresh.id)
         for data in frames:
             self._write(data)
         replayed = last_seq + len(frames)
@@ -589,8 +593,19 @@ class Connection:
                     return
                 await self._signal.wait()
             message = queue.popleft()
+            if isinstance(message, _Continue):
+                self._busy = True
+                try:
+                    await self._finish(message.job, message.rest, pipeline)
+                finally:
+                    self._busy = False
+                continue
             if limit == 1:
-                await self._handle(message, pipeline)
+                self._busy = True
+                try:
+                    await self._handle(message, pipeline)
+                finally:
+                    self._busy = False
                 continue
             while self._in_flight >= limit:
                 await self._signal.wait()
@@ -604,29 +619,64 @@ class Connection:
             self._in_flight -= 1
             self._signal.set()
 
-    async def _handle(self, message: Message, pipeline: Any) -> None:
+    async def _handle(self, message: Message, pipeline: Pipeline) -> None:
         session = self.session
-        answered = await session.log.recall(message.id)
+        answered = session.log.recall(message.id)
+        if answered is not None and _isawaitable(answered):  # a networked broker's log
+            answered = await answered
         if answered is not None:
             session.pending.pop(message.id, None)
             self._answer_again(message, answered)
             return
         job = Job(message, self)
-        self._jobs[message.id] = job
         session.pending[message.id] = job
-        hub = self.hub
-        hub.running.add(job)
-        try:
-            await pipeline.process(self, job)
-        finally:
-            hub.running.discard(job)
-            self._jobs.pop(message.id, None)
-            session.pending.pop(message.id, None)
+        self.hub.running.add(job)
+        rest = pipeline.start(self, job)
+        await self._finish(job, rest, pipeline)
 
-    def _answer_again(self, message: Message, answered: dict[str, Any]) -> None:
+    def _handle_now(self, message: Message, pipeline: Pipeline) -> None:
+        """:meth:`_handle` without waiting: a sync handler answers right here; an
+        async one's rest goes to the front of the queue for the connection's task."""
+        session = self.session
+        answered = session.log.recall(message.id)
+        if answered is not None and _isawaitable(answered):  # needs waiting: queue it
+            answered.close()  # type: ignore[attr-defined]
+            self._queue.append(message)
+            self._signal.set()
+            return
+        if answered is not None:
+            session.pending.pop(message.id, None)
+            self._answer_again(message, answered)
+            return
+        job = Job(message, self)
+        session.pending[message.id] = job
+        self.hub.running.add(job)
+        rest = pipeline.start(self, job)
+        if rest is None:
+            self._done(job)
+        else:
+            self._queue.appendleft(_Continue(job, rest))
+            self._signal.set()
+
+    async def _finish(self, job: Job, rest: Rest | None, pipeline: Pipeline) -> None:
+        try:
+            if rest is not None:
+                await pipeline.finish(self, job, rest)
+        finally:
+            self._done(job)
+
+    def _done(self, job: Job) -> None:
+        self.hub.running.discard(job)
+        pending = job.connection.session.pending
+        if pending.get(job.message.id) is job:
+            del pending[job.message.id]
+
+    def _answer_again(self, message: Message, answered: tuple[bytes, int]) -> None:
         """A retry of an answered request: send the original answer again, run nothing."""
         self.hub.retries += 1
-        differs = answered.get("request") is not None and answered["request"] != message.content
+        frame, digest = answered
+        differs = digest != message.digest
+        original = decode(frame)
         log.log(
             logging.WARNING if differs else logging.INFO,
             "retry of answered request%s conn=%s session=%s msg=%s: original answer sent again",
@@ -636,14 +686,25 @@ class Connection:
             message.id,
             extra={"connection_id": self.id, "message_id": message.id},
         )
-        self.session.send(answered["type"], answered["content"], message.id)
+        self.session.send(original["type"], original["content"], message.id)
 
     def jobs(self) -> Iterator[Job]:
-        """Requests being handled now."""
-        return iter(list(self._jobs.values()))
+        """Requests of this connection's session being handled now."""
+        return iter([j for j in self.session.pending.values() if isinstance(j, Job)])
 
 
 _SERVER_SIDE = frozenset({ErrorCode.HANDLER_ERROR, ErrorCode.TIMEOUT, ErrorCode.OVERLOADED})
+
+
+class _Continue:
+    """A queue item: a request whose sync part ran, with the rest to await."""
+
+    __slots__ = ("job", "rest", "id")
+
+    def __init__(self, job: Job, rest: Rest) -> None:
+        self.job = job
+        self.rest = rest
+        self.id = job.message.id
 
 
 class Hub:

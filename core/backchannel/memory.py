@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from .broker import RoomListener
@@ -19,6 +20,7 @@ __all__ = ["MemoryBroker"]
 
 log = logging.getLogger("backchannel.broker")
 _monotonic = time.monotonic
+_U32 = 0xFFFFFFFF
 
 
 class _SessionLog:
@@ -34,18 +36,25 @@ class _SessionLog:
         "answers",
         "window",
         "max_answers",
+        "order",
     )
+    # frames[i] is frame number last_seq - len(frames) + 1 + i (seqs are consecutive)
 
-    def __init__(self, principal_id: str, max_frames: int, max_bytes: int, window: float) -> None:
+    def __init__(
+        self, principal_id: str, max_frames: int, max_bytes: int, window: float, max_answers: int
+    ) -> None:
         self.principal_id = principal_id
         self.last_seq = 0
-        self.frames: deque[tuple[int, bytes]] = deque()
+        self.frames: deque[bytes] = deque()
         self.size = 0
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self.answers: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        #: request id -> seconds (since start) answered << 64 | seq << 32 | digest (one
+        #: int per entry: compact, and nothing for the garbage collector to scan)
+        self.answers: dict[str, int] = {}
         self.window = window
-        self.max_answers = max(max_frames, 64)
+        self.max_answers = max_answers
+        self.order: deque[str] = deque()
 
     @property
     def log(self) -> _SessionLog:
@@ -53,36 +62,47 @@ class _SessionLog:
 
     def append(self, seq: int, frame: bytes) -> None:
         frames = self.frames
-        frames.append((seq, frame))
+        if seq != self.last_seq + 1:  # never happens through Session.send; keep seqs exact
+            frames.clear()
+            self.size = 0
+        # Keep a right-sized copy: orjson's bytes hold a >= 4 KiB buffer whatever their
+        # length, which would make the real outbox ~10x what outbox_max_bytes counts.
+        frame = bytes(memoryview(frame))
+        frames.append(frame)
         self.last_seq = seq
         self.size += len(frame)
-        while frames and (len(frames) > self.max_frames or self.size > self.max_bytes):
-            self.size -= len(frames.popleft()[1])
+        while len(frames) > self.max_frames or self.size > self.max_bytes:
+            self.size -= len(frames.popleft())
+
+    def _frame(self, seq: int) -> bytes | None:
+        index = seq - (self.last_seq - len(self.frames) + 1)
+        return self.frames[index] if 0 <= index < len(self.frames) else None
 
     async def since(self, seq: int) -> list[bytes] | None:
         if seq >= self.last_seq:
             return []
         frames = self.frames
-        if not frames or frames[0][0] > seq + 1:
+        first = self.last_seq - len(frames) + 1
+        if not frames or first > seq + 1:
             return None
-        return [data for s, data in frames if s > seq]
+        return list(islice(frames, seq + 1 - first, None))
 
-    def remember(self, request_id: str, answer: dict[str, Any]) -> None:
-        answers = self.answers
-        now = _monotonic()
-        answers[request_id] = (now, answer)
-        answers.move_to_end(request_id)
-        while answers:
-            oldest = next(iter(answers.values()))[0]
-            if len(answers) <= self.max_answers and now - oldest <= self.window:
-                break
-            answers.popitem(last=False)
+    def remember(self, request_id: str, seq: int, digest: int) -> None:
+        # The oldest are pushed out past max_answers (a deque keeps the order: popping
+        # a dict's first key scans the holes deletions leave); recall ignores those
+        # past the window.
+        self.answers[request_id] = int(_monotonic()) << 64 | (seq & _U32) << 32 | digest & _U32
+        order = self.order
+        order.append(request_id)
+        if len(order) > self.max_answers:
+            self.answers.pop(order.popleft(), None)
 
-    async def recall(self, request_id: str) -> dict[str, Any] | None:
+    def recall(self, request_id: str) -> tuple[bytes, int] | None:
         entry = self.answers.get(request_id)
-        if entry is None or _monotonic() - entry[0] > self.window:
+        if entry is None or _monotonic() - (entry >> 64) > self.window + 1:
             return None
-        return entry[1]
+        frame = self._frame(entry >> 32 & _U32)
+        return None if frame is None else (frame, entry & _U32)
 
 
 @dataclass
@@ -106,11 +126,13 @@ class MemoryBroker:
         outbox_size: int = 1000,
         outbox_max_bytes: int = 1 << 20,
         dedupe_window: float = 300.0,
+        dedupe_size: int = 256,
     ) -> None:
         self._epoch = os.urandom(4).hex()
         self.outbox_size = outbox_size
         self.outbox_max_bytes = outbox_max_bytes
         self.dedupe_window = dedupe_window
+        self.dedupe_size = dedupe_size
         self.sessions: dict[str, _SessionLog] = {}
         self.detached: dict[str, float] = {}
         self.rooms: dict[str, _Room] = {}
@@ -134,12 +156,19 @@ class MemoryBroker:
 
     def open_session(self, session_id: str, principal_id: str) -> _SessionLog:
         entry = _SessionLog(
-            principal_id, self.outbox_size, self.outbox_max_bytes, self.dedupe_window
+            principal_id,
+            self.outbox_size,
+            self.outbox_max_bytes,
+            self.dedupe_window,
+            self.dedupe_size,
         )
         self.sessions[session_id] = entry
         return entry
 
     async def find_session(self, session_id: str) -> _SessionLog | None:
+        until = self.detached.get(session_id)
+        if until is not None and until <= _monotonic():
+            return None  # past its ttl: expired, even before expired_sessions() sweeps it
         return self.sessions.get(session_id)
 
     def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:

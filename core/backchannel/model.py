@@ -22,6 +22,8 @@ class Message:
     timestamp: str | None = None
     #: length of the request frame in UTF-8 bytes
     size: int = 0
+    #: CRC-32 of the request frame's bytes: tells a retry from a reuse of its id
+    digest: int = 0
 
 
 @dataclass(slots=True)

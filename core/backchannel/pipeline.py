@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .app import App
     from .hub import Connection, Job
 
-__all__ = ["Pipeline", "TypeEntry", "adapt_handler"]
+__all__ = ["Pipeline", "Rest", "TypeEntry", "adapt_handler"]
 
 log = logging.getLogger("backchannel.pipeline")
 
@@ -54,6 +54,25 @@ class TypeEntry:
     permission: str | None
     timeout: float
     schema: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class Rest:
+    """What is left of a request after :meth:`Pipeline.start`: an awaitable to finish.
+
+    ``pending`` is a validator's awaitable (``validator`` is its index) or the
+    handler's coroutine or async generator (``validator`` is None).
+    """
+
+    entry: TypeEntry
+    pending: Any
+    validator: int | None
+
+    def discard(self) -> None:
+        """Close a coroutine that will never be awaited (no 'never awaited' warning)."""
+        close = getattr(self.pending, "close", None)
+        if close is not None and inspect.iscoroutine(self.pending):
+            close()
 
 
 def adapt_handler(func: Callable[..., Any]) -> Handler:
@@ -173,55 +192,110 @@ class Pipeline:
 
     # --------------------------------------------------------------- process
 
-    async def process(self, conn: Connection, job: Job) -> None:
-        """Handle one request and send its one terminal answer, whatever happens."""
+    def start(self, conn: Connection, job: Job) -> Rest | None:
+        """Run the pipeline as far as it goes without waiting.
+
+        Returns None when the request got its answer (a sync handler: the common
+        case, with no task switch at all), or the :class:`Rest` to pass to
+        :meth:`finish` when a validator or the handler returned an awaitable.
+        """
         message = job.message
         try:
-            if await conn.runtime.run(job, self._execute, conn, job):
-                self._answer(conn, message, job.result)
-            else:
-                entry = self.types.get(message.type)
-                code, text = _INTERRUPTED[job.reason or "cancelled"]
-                timeout = entry.timeout if entry else self.timeout
-                conn.send_error(message.id, BackchannelError(code, text.format(timeout=timeout)))
-        except BackchannelError as exc:
-            conn.send_error(message.id, exc, message)
-        except HookFailed as exc:
-            self.app.hooks.count_failure(exc.hook, exc.plugin)
-            self._failed(conn, message, exc.cause, f"plugin {exc.plugin!r} failed in {exc.hook}")
-        except Exception as exc:
-            log.exception("answer failed conn=%s msg=%s", conn.id, message.id)
-            self._failed(conn, message, exc, "handler failed")
-
-    async def _execute(self, conn: Connection, job: Job) -> None:
-        message = job.message
-        entry = self.types.get(message.type)
-        if entry is None:
-            raise BackchannelError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {message.type!r}")
-        if self.observe_received:
-            self.app.hooks.notify("message_received", message=message, connection=conn)
-        if entry.permission is not None and not conn.principal.allows(entry.permission):  # type: ignore[union-attr]
-            raise BackchannelError(
-                ErrorCode.FORBIDDEN, f"permission {entry.permission!r} is required"
-            )
-        if entry.validator is not None and not entry.validator.is_valid(message.content):
-            details = violations(entry.validator, message.content, "content")
-            text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
-            raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
-        if self.validators:  # a hanging validate hook is bounded by the same timeout
-            job.deadline = _monotonic() + entry.timeout
-        for plugin, check in self.validators:
-            try:
-                result = check(message, conn)
+            entry = self.types.get(message.type)
+            if entry is None:
+                raise BackchannelError(
+                    ErrorCode.UNKNOWN_TYPE, f"unknown message type {message.type!r}"
+                )
+            if self.observe_received:
+                self.app.hooks.notify("message_received", message=message, connection=conn)
+            permission = entry.permission
+            if permission is not None and not conn.principal.allows(permission):  # type: ignore[union-attr]
+                raise BackchannelError(
+                    ErrorCode.FORBIDDEN, f"permission {permission!r} is required"
+                )
+            if entry.validator is not None and not entry.validator.is_valid(message.content):
+                details = violations(entry.validator, message.content, "content")
+                text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
+                raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
+            for index, (plugin, check) in enumerate(self.validators):
+                try:
+                    result = check(message, conn)
+                except BackchannelError:
+                    raise
+                except Exception as exc:
+                    raise HookFailed("validate", plugin, exc) from exc
                 if result is not None and _isawaitable(result):
-                    await result
+                    return Rest(entry, result, index)
+            try:
+                result = entry.handler(message, conn)
             except BackchannelError:
                 raise
             except Exception as exc:
-                raise HookFailed("validate", plugin, exc) from exc
-        job.deadline = _monotonic() + entry.timeout
+                raise HookFailed("handle", entry.plugin, exc) from exc
+            if _isawaitable(result) or _isasyncgen(result):
+                return Rest(entry, result, None)
+            self._answer(conn, message, result)
+        except Exception as exc:
+            self._fail(conn, message, exc)
+        return None
+
+    async def finish(self, conn: Connection, job: Job, rest: Rest) -> None:
+        """Await what :meth:`start` left, under the job's deadline; send the one answer."""
+        message = job.message
         try:
-            result = entry.handler(message, conn)
+            if await conn.runtime.run(job, self._rest, conn, job, rest):
+                self._answer(conn, message, job.result)
+            else:
+                rest.discard()
+                code, text = _INTERRUPTED[job.reason or "cancelled"]
+                conn.send_error(
+                    message.id, BackchannelError(code, text.format(timeout=rest.entry.timeout))
+                )
+        except Exception as exc:
+            self._fail(conn, message, exc)
+
+    async def process(self, conn: Connection, job: Job) -> None:
+        """Handle one request to its one terminal answer, whatever happens."""
+        rest = self.start(conn, job)
+        if rest is not None:
+            await self.finish(conn, job, rest)
+
+    def _fail(self, conn: Connection, message: Message, exc: Exception) -> None:
+        if isinstance(exc, BackchannelError):
+            conn.send_error(message.id, exc, message)
+        elif isinstance(exc, HookFailed):
+            self.app.hooks.count_failure(exc.hook, exc.plugin)
+            self._failed(conn, message, exc.cause, f"plugin {exc.plugin!r} failed in {exc.hook}")
+        else:
+            log.exception("answer failed conn=%s msg=%s", conn.id, message.id)
+            self._failed(conn, message, exc, "handler failed")
+
+    async def _rest(self, conn: Connection, job: Job, rest: Rest) -> None:
+        message = job.message
+        entry = rest.entry
+        job.deadline = _monotonic() + entry.timeout  # bounds slow validate hooks too
+        result = rest.pending
+        if rest.validator is not None:
+            validators = self.validators
+            index = rest.validator
+            try:
+                await result
+                for index in range(index + 1, len(validators)):
+                    result = validators[index][1](message, conn)
+                    if result is not None and _isawaitable(result):
+                        await result
+            except BackchannelError:
+                raise
+            except Exception as exc:
+                raise HookFailed("validate", validators[index][0], exc) from exc
+            job.deadline = _monotonic() + entry.timeout
+            try:
+                result = entry.handler(message, conn)
+            except BackchannelError:
+                raise
+            except Exception as exc:
+                raise HookFailed("handle", entry.plugin, exc) from exc
+        try:
             if _isawaitable(result):
                 result = await result
             elif _isasyncgen(result):

@@ -85,6 +85,8 @@ class AsyncioRuntime:
         self, work: Interruptible, func: Callable[..., Awaitable[None]], *args: Any
     ) -> bool:
         """Run ``func(*args)``; False when :meth:`interrupt` stopped it."""
+        if work.reason is not None:  # interrupted before it started
+            return False
         task = asyncio.current_task()
         work.handle = task
         try:
@@ -140,6 +142,8 @@ class AnyioRuntime:
     async def run(
         self, work: Interruptible, func: Callable[..., Awaitable[None]], *args: Any
     ) -> bool:
+        if work.reason is not None:  # interrupted before it started
+            return False
         with anyio.CancelScope() as scope:
             work.handle = scope
             try:

@@ -4,6 +4,7 @@ Drivers (:mod:`backchannel.server`) feed bytes in and write out what
 :meth:`Wire.data_to_send` returns; the kernel sees only whole messages, its own
 :class:`~backchannel.http.HttpRequest`, and close codes. Fragmented messages are
 reassembled here, and text is checked as UTF-8 (RFC 6455 §8.1, close 1007).
+:class:`ClientWire` does the same for the client side (:mod:`backchannel.client`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import http
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from .http import HttpRequest, HttpResponse
 
-__all__ = ["SUBPROTOCOL", "Wire", "WireSink"]
+__all__ = ["SUBPROTOCOL", "ClientWire", "Wire", "WireSink"]
 
 SUBPROTOCOL = "backchannel.v1"
 _log = logging.getLogger("backchannel.websocket")
@@ -206,6 +210,126 @@ class Wire:
         return True
 
     def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake (no-op unless open)."""
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_close(code, reason[:120])
+
+
+class ClientWire:
+    """One client WebSocket connection's protocol state (no I/O), for :mod:`backchannel.client`.
+
+    The caller opens the TCP (or TLS) stream to :attr:`host`:attr:`port`, writes
+    what :meth:`data_to_send` returns (the handshake request first) and feeds what
+    it reads to :meth:`receive_data`, which returns complete text messages.
+    """
+
+    __slots__ = ("_protocol", "_parts", "_opcode", "ping_outstanding", "host", "port", "secure")
+
+    def __init__(
+        self, url: str, *, headers: Mapping[str, str] | None = None, max_size: int | None = None
+    ) -> None:
+        uri = parse_uri(url)
+        self.host, self.port, self.secure = uri.host, uri.port, uri.secure
+        self._protocol = ClientProtocol(
+            uri, subprotocols=[Subprotocol(SUBPROTOCOL)], max_size=max_size, logger=_log
+        )
+        request = self._protocol.connect()
+        for name, value in (headers or {}).items():
+            request.headers[name] = value
+        self._protocol.send_request(request)
+        self._parts: list[bytes] = []
+        self._opcode: Opcode | None = None
+        #: payload of the last ping without a pong yet (heartbeat).
+        self.ping_outstanding: bytes | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake succeeded and no close frame was sent or received yet."""
+        return self._protocol.state is State.OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._protocol.state is State.CLOSED
+
+    @property
+    def handshake_error(self) -> str | None:
+        """Why the server refused the handshake (e.g. its HTTP status), else None."""
+        exc = self._protocol.handshake_exc
+        return None if exc is None else str(exc)
+
+    @property
+    def close_code(self) -> int | None:
+        """The code the server closed with once closed (1006 when none was received)."""
+        return self._protocol.close_code
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._protocol.close_reason
+
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write, in order; an empty bytes object means half-close (EOF)."""
+        return self._protocol.data_to_send()
+
+    def close_expected(self) -> bool:
+        """Whether the server should close the TCP connection soon (closing, refused)."""
+        return self._protocol.close_expected()
+
+    def receive_data(self, data: bytes) -> list[str]:
+        """Feed bytes from the network; return the complete text messages they finish.
+
+        Fragments are reassembled; binary messages (not part of v1) are dropped.
+        """
+        protocol = self._protocol
+        protocol.receive_data(data)
+        messages: list[str] = []
+        for event in protocol.events_received():
+            if not isinstance(event, Frame):  # the handshake Response
+                continue
+            opcode = event.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                self._opcode = opcode
+                self._parts = [bytes(event.data)]
+            elif opcode is _CONT:
+                self._parts.append(bytes(event.data))
+            elif opcode is _PONG and event.data == self.ping_outstanding:
+                self.ping_outstanding = None
+                continue
+            else:
+                continue
+            if event.fin:
+                payload = b"".join(self._parts)
+                self._parts = []
+                if self._opcode is not _TEXT:
+                    continue
+                try:
+                    messages.append(payload.decode())
+                except UnicodeDecodeError:
+                    protocol.fail(1007, "invalid UTF-8 in a text message")
+                    break
+        return messages
+
+    def receive_eof(self) -> None:
+        """The server closed its side of the TCP connection."""
+        self._protocol.receive_eof()
+        self._protocol.events_received()
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text message (UTF-8 encoded); False once closing (nothing is sent)."""
+        if self._protocol.state is not State.OPEN:
+            return False
+        self._protocol.send_text(data)
+        return True
+
+    def ping(self) -> bool:
+        """Send a heartbeat ping; False if the previous one got no pong."""
+        if self.ping_outstanding is not None:
+            return False
+        if self._protocol.state is State.OPEN:
+            self.ping_outstanding = os.urandom(4)
+            self._protocol.send_ping(self.ping_outstanding)
+        return True
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake (no-op unless open)."""
         if self._protocol.state is State.OPEN:
             self._protocol.send_close(code, reason[:120])
