@@ -628,10 +628,13 @@ class Connection:
             session.pending.pop(message.id, None)
             self._answer_again(message, answered)
             return
+        rest = pipeline.start(self, message)
+        if rest is None:
+            session.pending.pop(message.id, None)
+            return
         job = Job(message, self)
         session.pending[message.id] = job
         self.hub.running.add(job)
-        rest = pipeline.start(self, job)
         await self._finish(job, rest, pipeline)
 
     def _handle_now(self, message: Message, pipeline: Pipeline) -> None:
@@ -648,20 +651,19 @@ class Connection:
             session.pending.pop(message.id, None)
             self._answer_again(message, answered)
             return
+        rest = pipeline.start(self, message)
+        if rest is None:  # answered: a sync handler never needs a Job
+            session.pending.pop(message.id, None)
+            return
         job = Job(message, self)
         session.pending[message.id] = job
         self.hub.running.add(job)
-        rest = pipeline.start(self, job)
-        if rest is None:
-            self._done(job)
-        else:
-            self._queue.appendleft(_Continue(job, rest))
-            self._signal.set()
+        self._queue.appendleft(_Continue(job, rest))
+        self._signal.set()
 
-    async def _finish(self, job: Job, rest: Rest | None, pipeline: Pipeline) -> None:
+    async def _finish(self, job: Job, rest: Rest, pipeline: Pipeline) -> None:
         try:
-            if rest is not None:
-                await pipeline.finish(self, job, rest)
+            await pipeline.finish(self, job, rest)
         finally:
             self._done(job)
 

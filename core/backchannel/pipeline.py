@@ -192,14 +192,13 @@ class Pipeline:
 
     # --------------------------------------------------------------- process
 
-    def start(self, conn: Connection, job: Job) -> Rest | None:
+    def start(self, conn: Connection, message: Message) -> Rest | None:
         """Run the pipeline as far as it goes without waiting.
 
         Returns None when the request got its answer (a sync handler: the common
         case, with no task switch at all), or the :class:`Rest` to pass to
         :meth:`finish` when a validator or the handler returned an awaitable.
         """
-        message = job.message
         try:
             entry = self.types.get(message.type)
             if entry is None:
@@ -256,7 +255,7 @@ class Pipeline:
 
     async def process(self, conn: Connection, job: Job) -> None:
         """Handle one request to its one terminal answer, whatever happens."""
-        rest = self.start(conn, job)
+        rest = self.start(conn, job.message)
         if rest is not None:
             await self.finish(conn, job, rest)
 
@@ -318,12 +317,13 @@ class Pipeline:
 
     def _answer(self, conn: Connection, message: Message, result: Any) -> None:
         try:
+            send = conn.session.send
             if result is None:
-                conn.send("ack", {}, message.id)
+                send("ack", {}, message.id)
             elif type(result) is dict:
-                conn.send(message.type, result, message.id)
+                send(message.type, result, message.id)
             elif isinstance(result, Reply) and type(result.content) is dict:
-                conn.send(result.type, result.content, message.id)
+                send(result.type, result.content, message.id)
             else:
                 raise BackchannelError(
                     ErrorCode.HANDLER_ERROR,
