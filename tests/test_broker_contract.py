@@ -239,7 +239,7 @@ async def test_remembered_answer_is_recalled_within_the_window_only(broker: Brok
     assert await recall(log, "r1") is None
 
 
-async def test_answer_whose_frame_left_the_outbox_is_not_recalled(broker: Broker) -> None:
+async def test_answer_whose_frame_left_the_outbox_is_recalled_without_its_frame(broker: Broker) -> None:
     log = broker.open_session("s-dedupe-4", "alice")
     log.append(1, frame(1))
     log.remember("first", 1, 7)
@@ -248,7 +248,7 @@ async def test_answer_whose_frame_left_the_outbox_is_not_recalled(broker: Broker
     for seq in range(3, OUTBOX_SIZE + 2):  # frame 1 is pushed out, frame 2 stays
         log.append(seq, frame(seq))
     assert await recall(log, "second") == (frame(2), 8)
-    assert await recall(log, "first") is None
+    assert await recall(log, "first") == (b"", 7)  # answered: must not run again
 
 
 # ---------------------------------------------------------------- session ttl

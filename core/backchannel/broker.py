@@ -41,9 +41,10 @@ class SessionLog(Protocol):
     ) -> tuple[bytes, int] | Awaitable[tuple[bytes, int] | None] | None:
         """The answer frame and request digest kept for ``request_id``, or None.
 
-        None when the request is unknown, older than the dedupe window, or its
-        answer frame left the outbox. Called for every request, so an in-memory
-        log answers directly; a networked one may return an awaitable.
+        None when the request is unknown or older than the dedupe window; the
+        frame is ``b""`` when the answer left the outbox (the request must still
+        not run again). Called for every request, so an in-memory log answers
+        directly; a networked one may return an awaitable.
         """
 
 

@@ -505,19 +505,19 @@ class Connection:
             return {"resumed": False, "reason": "unknown_session"}
         principal = self.principal
         assert principal is not None
-        if record.principal_id != principal.id:
+        if record.principal_id != principal.id and not (
             # An anonymous session is a bearer token: its unguessable id is the
             # credential, so another anonymous connection may take it over.
-            if not (principal.anonymous and record.principal_id.startswith(ANONYMOUS)):
-                raise BackchannelError(
-                    ErrorCode.FORBIDDEN, "this session belongs to another principal"
-                )
-            self.principal = dataclasses.replace(principal, id=record.principal_id)
+            principal.anonymous and record.principal_id.startswith(ANONYMOUS)
+        ):
+            raise BackchannelError(ErrorCode.FORBIDDEN, "this session belongs to another principal")
         if last_seq > record.last_seq:
             return {"resumed": False, "reason": "ahead"}
         frames = await record.log.since(last_seq)
         if frames is None:
             return {"resumed": False, "reason": "trimmed"}
+        if record.principal_id != principal.id:  # taking over an anonymous session
+            self.principal = dataclasses.replace(principal, id=record.principal_id)
         session = hub.sessions.get(session_id)
         if session is None:  # made by another process sharing the broker
             session = Session(
@@ -678,6 +678,15 @@ class Connection:
         self.hub.retries += 1
         frame, digest = answered
         differs = digest != message.digest
+        if not frame:  # answered, but the answer left the outbox: never run it twice
+            self.send_error(
+                message.id,
+                BackchannelError(
+                    ErrorCode.INVALID_ENVELOPE,
+                    "this request id was already answered and its answer is no longer kept",
+                ),
+            )
+            return
         original = decode(frame)
         log.log(
             logging.WARNING if differs else logging.INFO,

@@ -102,7 +102,7 @@ class _SessionLog:
         if entry is None or _monotonic() - (entry >> 64) > self.window + 1:
             return None
         frame = self._frame(entry >> 32 & _U32)
-        return None if frame is None else (frame, entry & _U32)
+        return (b"" if frame is None else frame), entry & _U32
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+
 from backchannel.http import HttpRequest
 from backchannel.runtime import Runtime
 from backchannel.server import ServerOptions, serve_anyio, serve_asyncio
