@@ -239,7 +239,9 @@ async def test_remembered_answer_is_recalled_within_the_window_only(broker: Brok
     assert await recall(log, "r1") is None
 
 
-async def test_answer_whose_frame_left_the_outbox_is_recalled_without_its_frame(broker: Broker) -> None:
+async def test_answer_whose_frame_left_the_outbox_is_recalled_without_its_frame(
+    broker: Broker,
+) -> None:
     log = broker.open_session("s-dedupe-4", "alice")
     log.append(1, frame(1))
     log.remember("first", 1, 7)

@@ -276,17 +276,17 @@ class Pipeline:
         result = rest.pending
         if rest.validator is not None:
             validators = self.validators
-            index = rest.validator
+            current = rest.validator  # the validator whose awaitable is pending
             try:
                 await result
-                for index in range(index + 1, len(validators)):
-                    result = validators[index][1](message, conn)
+                for current in range(rest.validator + 1, len(validators)):
+                    result = validators[current][1](message, conn)
                     if result is not None and _isawaitable(result):
                         await result
             except BackchannelError:
                 raise
             except Exception as exc:
-                raise HookFailed("validate", validators[index][0], exc) from exc
+                raise HookFailed("validate", validators[current][0], exc) from exc
             job.deadline = _monotonic() + entry.timeout
             try:
                 result = entry.handler(message, conn)
