@@ -1,0 +1,76 @@
+"""Kernel-only cost of one request: ``Connection.on_message`` to the answer written.
+
+No sockets and no WebSocket framing: a recording transport stands in for the
+driver, so this isolates the pipeline (envelope, dispatch, validation, handler,
+session, outbox). Process CPU time over N closed-loop ``text`` requests.
+
+    uv run python benchmarks/pipeline_micro.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import orjson
+
+from backchannel import App
+from backchannel.http import HttpRequest
+from backchannel.hub import Connection
+from backchannel.runtime import AsyncioRuntime
+
+PLUGIN_SETS = (["text"], ["init", "text", "ping", "system", "validation"])
+
+
+class _Recorder:
+    """Counts written frames; sets an event after the last one."""
+
+    blocked_since = None
+
+    def __init__(self, target: int) -> None:
+        self.written = 0
+        self.target = target
+        self.done = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+        if self.written >= self.target:
+            self.done.set()
+
+    def close(self, code: int, reason: str) -> None:
+        return None
+
+    def heartbeat(self, now: float, interval: float, timeout: float) -> bool:
+        return True
+
+
+async def measure(plugins: list[str], n: int) -> float:
+    """Microseconds of process CPU per request."""
+    app = App({"log": {"level": "WARNING"}}, plugins=plugins)
+    await app._startup()
+    runtime = AsyncioRuntime()
+    recorder = _Recorder(n)
+    conn = Connection(app, HttpRequest("GET", "/ws", {}), recorder, runtime)
+    runtime.spawn(conn.run)
+    await asyncio.sleep(0.01)  # admitted
+    payloads = [
+        orjson.dumps({"id": f"c-{i}", "type": "text", "content": {"text": "hello"}}).decode()
+        for i in range(n)
+    ]
+    started = time.process_time()
+    for payload in payloads:
+        conn.on_message(payload)
+        await asyncio.sleep(0)  # one request at a time, as a closed-loop client
+    await recorder.done.wait()
+    return (time.process_time() - started) / n * 1e6
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
+    for plugins in PLUGIN_SETS:
+        print(f"{','.join(plugins)}: {asyncio.run(measure(plugins, n)):.2f} µs/request")
+
+
+if __name__ == "__main__":
+    main()
