@@ -53,18 +53,102 @@ class WireSink(Protocol):
     def on_message(self, payload: str | bytes) -> None: ...
 
 
-class Wire:
+class _Side:
+    """What both ends share: reassembly, UTF-8 checks, heartbeat pings, closing."""
+
+    __slots__ = ("_protocol", "_parts", "_opcode", "ping_outstanding")
+
+    _protocol: ServerProtocol | ClientProtocol
+
+    def _init_side(self) -> None:
+        self._parts: list[bytes] = []
+        self._opcode: Opcode | None = None
+        #: payload of the last ping without a pong yet (heartbeat).
+        self.ping_outstanding: bytes | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake succeeded and no close frame was sent or received yet."""
+        return self._protocol.state is State.OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._protocol.state is State.CLOSED
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed (1006 when no close frame was received)."""
+        return self._protocol.close_code
+
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write, in order; an empty bytes object means half-close (EOF)."""
+        return self._protocol.data_to_send()
+
+    def close_expected(self) -> bool:
+        """Whether the TCP connection should be closed soon (after a timeout)."""
+        return self._protocol.close_expected()
+
+    def receive_eof(self) -> None:
+        """The peer closed its side of the TCP connection."""
+        self._protocol.receive_eof()
+        self._protocol.events_received()
+
+    def _message(self, frame: Frame) -> str | bytes | None:
+        """The complete message ``frame`` finishes, if any (text checked as UTF-8)."""
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY:
+            if not frame.fin:
+                self._opcode = opcode
+                self._parts = [bytes(frame.data)]
+                return None
+            data = bytes(frame.data)
+        elif opcode is _CONT:
+            self._parts.append(bytes(frame.data))
+            if not frame.fin:
+                return None
+            data = b"".join(self._parts)
+            self._parts = []
+            opcode = self._opcode  # type: ignore[assignment]
+        else:
+            if opcode is _PONG and frame.data == self.ping_outstanding:
+                self.ping_outstanding = None
+            return None
+        if opcode is not _TEXT:
+            return data
+        try:
+            return data.decode()
+        except UnicodeDecodeError:  # RFC 6455 §8.1
+            self._protocol.fail(1007, "invalid UTF-8 in a text message")
+            return None
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text message (UTF-8 encoded); False once closing (nothing is sent)."""
+        if self._protocol.state is not State.OPEN:
+            return False
+        self._protocol.send_text(data)
+        return True
+
+    def ping(self) -> bool:
+        """Send a heartbeat ping; False if the previous one got no pong."""
+        if self.ping_outstanding is not None:
+            return False
+        if self._protocol.state is State.OPEN:
+            self.ping_outstanding = os.urandom(4)
+            self._protocol.send_ping(self.ping_outstanding)
+        return True
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (no-op unless open)."""
+        if self._protocol.state is State.OPEN:
+            self._protocol.send_close(code, reason[:120])
+
+
+class Wire(_Side):
     """One server-side WebSocket connection's protocol state (no I/O)."""
 
-    __slots__ = (
-        "_protocol",
-        "_sink",
-        "_request",
-        "_parts",
-        "_opcode",
-        "ping_outstanding",
-        "subprotocol",
-    )
+    __slots__ = ("_sink", "_request", "subprotocol")
+
+    _protocol: ServerProtocol
 
     def __init__(
         self,
@@ -83,35 +167,10 @@ class Wire:
             max_size=max_size,
             logger=_log,
         )
+        self._init_side()
         self._sink = sink
         self._request: Request | None = None
-        self._parts: list[bytes] = []
-        self._opcode: Opcode | None = None
-        #: payload of the last ping without a pong yet (heartbeat).
-        self.ping_outstanding: bytes | None = None
         self.subprotocol: str | None = None
-
-    # ------------------------------------------------------------------ state
-
-    @property
-    def is_open(self) -> bool:
-        return self._protocol.state is State.OPEN
-
-    @property
-    def is_closed(self) -> bool:
-        return self._protocol.state is State.CLOSED
-
-    @property
-    def close_code(self) -> int | None:
-        return self._protocol.close_code
-
-    def data_to_send(self) -> list[bytes]:
-        """Bytes to write, in order; an empty bytes object means half-close (EOF)."""
-        return self._protocol.data_to_send()
-
-    def close_expected(self) -> bool:
-        """Whether the TCP connection should be closed soon (after a timeout)."""
-        return self._protocol.close_expected()
 
     # --------------------------------------------------------------- incoming
 
@@ -125,40 +184,10 @@ class Wire:
                 headers = {k.lower(): v for k, v in event.headers.raw_items()}
                 self._sink.on_request(HttpRequest("GET", event.path, headers))
                 continue
-            if not isinstance(event, Frame):  # a server never receives a Response
-                continue
-            opcode = event.opcode
-            if opcode is _TEXT or opcode is _BINARY:
-                if event.fin:
-                    self._deliver(opcode, bytes(event.data))
-                else:
-                    self._opcode = opcode
-                    self._parts = [bytes(event.data)]
-            elif opcode is _CONT:
-                self._parts.append(bytes(event.data))
-                if event.fin:
-                    data_ = b"".join(self._parts)
-                    self._parts = []
-                    assert self._opcode is not None
-                    self._deliver(self._opcode, data_)
-            elif opcode is _PONG and event.data == self.ping_outstanding:
-                self.ping_outstanding = None
-
-    def _deliver(self, opcode: Opcode, data: bytes) -> None:
-        if opcode is _TEXT:
-            try:
-                text = data.decode()
-            except UnicodeDecodeError:
-                self._protocol.fail(1007, "invalid UTF-8 in a text message")
-                return
-            self._sink.on_message(text)
-        else:
-            self._sink.on_message(data)
-
-    def receive_eof(self) -> None:
-        """The peer closed its side of the TCP connection."""
-        self._protocol.receive_eof()
-        self._protocol.events_received()
+            if isinstance(event, Frame):  # (a server never receives a Response)
+                message = self._message(event)
+                if message is not None:
+                    self._sink.on_message(message)
 
     # --------------------------------------------------------------- outgoing
 
@@ -187,13 +216,6 @@ class Wire:
             headers[name] = value
         self._protocol.send_response(Response(status.value, status.phrase, headers, response.body))
 
-    def send_text(self, data: bytes) -> bool:
-        """Queue one text message (encoded JSON); False once closing (nothing is sent)."""
-        if self._protocol.state is not State.OPEN:
-            return False
-        self._protocol.send_text(data)
-        return True
-
     def send_binary(self, data: bytes) -> bool:
         """Queue one binary message (the conformance fixture's echo only)."""
         if self._protocol.state is not State.OPEN:
@@ -201,21 +223,8 @@ class Wire:
         self._protocol.send_binary(data)
         return True
 
-    def ping(self) -> bool:
-        """Send a heartbeat ping; False if the previous one got no pong."""
-        if self.ping_outstanding is not None:
-            return False
-        self.ping_outstanding = os.urandom(4)
-        self._protocol.send_ping(self.ping_outstanding)
-        return True
 
-    def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake (no-op unless open)."""
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_close(code, reason[:120])
-
-
-class ClientWire:
+class ClientWire(_Side):
     """One client WebSocket connection's protocol state (no I/O), for :mod:`backchannel.client`.
 
     The caller opens the TCP (or TLS) stream to :attr:`host`:attr:`port`, writes
@@ -223,7 +232,9 @@ class ClientWire:
     it reads to :meth:`receive_data`, which returns complete text messages.
     """
 
-    __slots__ = ("_protocol", "_parts", "_opcode", "ping_outstanding", "host", "port", "secure")
+    __slots__ = ("host", "port", "secure")
+
+    _protocol: ClientProtocol
 
     def __init__(
         self, url: str, *, headers: Mapping[str, str] | None = None, max_size: int | None = None
@@ -237,19 +248,7 @@ class ClientWire:
         for name, value in (headers or {}).items():
             request.headers[name] = value
         self._protocol.send_request(request)
-        self._parts: list[bytes] = []
-        self._opcode: Opcode | None = None
-        #: payload of the last ping without a pong yet (heartbeat).
-        self.ping_outstanding: bytes | None = None
-
-    @property
-    def is_open(self) -> bool:
-        """The handshake succeeded and no close frame was sent or received yet."""
-        return self._protocol.state is State.OPEN
-
-    @property
-    def is_closed(self) -> bool:
-        return self._protocol.state is State.CLOSED
+        self._init_side()
 
     @property
     def handshake_error(self) -> str | None:
@@ -258,78 +257,19 @@ class ClientWire:
         return None if exc is None else str(exc)
 
     @property
-    def close_code(self) -> int | None:
-        """The code the server closed with once closed (1006 when none was received)."""
-        return self._protocol.close_code
-
-    @property
     def close_reason(self) -> str | None:
         return self._protocol.close_reason
-
-    def data_to_send(self) -> list[bytes]:
-        """Bytes to write, in order; an empty bytes object means half-close (EOF)."""
-        return self._protocol.data_to_send()
-
-    def close_expected(self) -> bool:
-        """Whether the server should close the TCP connection soon (closing, refused)."""
-        return self._protocol.close_expected()
 
     def receive_data(self, data: bytes) -> list[str]:
         """Feed bytes from the network; return the complete text messages they finish.
 
         Fragments are reassembled; binary messages (not part of v1) are dropped.
         """
-        protocol = self._protocol
-        protocol.receive_data(data)
+        self._protocol.receive_data(data)
         messages: list[str] = []
-        for event in protocol.events_received():
-            if not isinstance(event, Frame):  # the handshake Response
-                continue
-            opcode = event.opcode
-            if opcode is _TEXT or opcode is _BINARY:
-                self._opcode = opcode
-                self._parts = [bytes(event.data)]
-            elif opcode is _CONT:
-                self._parts.append(bytes(event.data))
-            elif opcode is _PONG and event.data == self.ping_outstanding:
-                self.ping_outstanding = None
-                continue
-            else:
-                continue
-            if event.fin:
-                payload = b"".join(self._parts)
-                self._parts = []
-                if self._opcode is not _TEXT:
-                    continue
-                try:
-                    messages.append(payload.decode())
-                except UnicodeDecodeError:
-                    protocol.fail(1007, "invalid UTF-8 in a text message")
-                    break
+        for event in self._protocol.events_received():
+            if isinstance(event, Frame):  # (not the handshake Response)
+                message = self._message(event)
+                if type(message) is str:
+                    messages.append(message)
         return messages
-
-    def receive_eof(self) -> None:
-        """The server closed its side of the TCP connection."""
-        self._protocol.receive_eof()
-        self._protocol.events_received()
-
-    def send_text(self, data: bytes) -> bool:
-        """Queue one text message (UTF-8 encoded); False once closing (nothing is sent)."""
-        if self._protocol.state is not State.OPEN:
-            return False
-        self._protocol.send_text(data)
-        return True
-
-    def ping(self) -> bool:
-        """Send a heartbeat ping; False if the previous one got no pong."""
-        if self.ping_outstanding is not None:
-            return False
-        if self._protocol.state is State.OPEN:
-            self.ping_outstanding = os.urandom(4)
-            self._protocol.send_ping(self.ping_outstanding)
-        return True
-
-    def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake (no-op unless open)."""
-        if self._protocol.state is State.OPEN:
-            self._protocol.send_close(code, reason[:120])
