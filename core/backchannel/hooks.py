@@ -84,12 +84,13 @@ class Hooks:
     def _args(impl: HookImpl, kwargs: dict[str, Any]) -> list[Any]:
         return [kwargs[n] for n in impl.argnames]
 
-    async def call_all(self, name: str, /, **kwargs: Any) -> list[Any]:
-        """Call every implementation, await awaitables, return non-None results.
+    async def _call(self, name: str, kwargs: dict[str, Any], first: bool) -> list[Any]:
+        """Call implementations in order, awaiting awaitables; keep non-None results.
 
         An exception is re-raised as :class:`HookFailed` naming the plugin, except
         the kernel's own exceptions meant for the caller (``Reject``,
-        ``BackchannelError``), which pass through unchanged.
+        ``BackchannelError``), which pass through unchanged. With ``first``, stop at
+        the first non-None result.
         """
         from .errors import BackchannelError, Reject
 
@@ -105,24 +106,18 @@ class Hooks:
                 raise HookFailed(name, impl.plugin_name, exc) from exc
             if result is not None:
                 results.append(result)
+                if first:
+                    break
         return results
+
+    async def call_all(self, name: str, /, **kwargs: Any) -> list[Any]:
+        """Call every implementation; the non-None results, in call order."""
+        return await self._call(name, kwargs, first=False)
 
     async def call_first(self, name: str, /, **kwargs: Any) -> Any:
         """Call implementations in order until one returns (or awaits to) non-None."""
-        from .errors import BackchannelError, Reject
-
-        for impl in self.impls(name):
-            try:
-                result = impl.function(*self._args(impl, kwargs))
-                if inspect.isawaitable(result):
-                    result = await result
-            except (Reject, BackchannelError):
-                raise
-            except Exception as exc:
-                raise HookFailed(name, impl.plugin_name, exc) from exc
-            if result is not None:
-                return result
-        return None
+        results = await self._call(name, kwargs, first=True)
+        return results[0] if results else None
 
     def call_sync(self, name: str, /, **kwargs: Any) -> list[Any]:
         """Call every implementation of a sync set-up hook; failures name the plugin."""
