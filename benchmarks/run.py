@@ -13,11 +13,16 @@ Each of ours is compared with the peer on the same event loop. Phases: start-up 
 accepts TCP; round-robin over the servers, median of N), idle RSS per connection, then the load
 scenarios (within a scenario the servers run back to back, so drift on this shared machine hits
 them alike), then extra alternating closed-loop runs of ours-uvloop with/without the dummies.
-Prints Markdown tables and writes benchmarks/results/<timestamp>.json and results/latest.json.
+Prints Markdown tables and writes benchmarks/results/<timestamp>.json and results/latest.json
+(results/latest-sessions.json for a run without the echo phases).
 
     uv run python benchmarks/run.py            # full run, about 3.5 minutes
     uv run python benchmarks/run.py --quick    # 3 s windows, 1000 idle conns: about 1 minute
     uv run python benchmarks/run.py --report benchmarks/results/latest.json   # tables only
+    uv run python benchmarks/run.py --scenarios broadcast,resume,outbox   # issue 3 (~3 minutes)
+
+``--scenarios`` picks the phases: ``echo`` (all of the above, the default) and issue 3's
+``broadcast``, ``resume``, ``outbox`` (sessions_suite.py), or ``all``.
 
 The peer and the load generator run on this interpreter, which needs websockets, orjson and
 uvloop (the workspace venv has them). To test the harness without the real server:
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import dummies
+import sessions_suite
 from idle import measure_idle, raise_nofile
 from loadgen import Scenario, process_tree, run_load
 
@@ -533,26 +539,49 @@ def main() -> None:
     parser.add_argument(
         "--report", type=Path, metavar="JSON", help="only print the tables of a saved result"
     )
+    parser.add_argument(
+        "--scenarios",
+        default="echo",
+        help="comma-separated phases: echo (issue 2's, the default), broadcast, resume, "
+        "outbox (issue 3's), or all",
+    )
+    parser.add_argument("--broadcast-members", type=int, default=1000)
+    parser.add_argument("--broadcast-messages", type=int, default=200)
+    parser.add_argument("--broadcast-rate", type=float, default=10.0, help="messages/s")
+    parser.add_argument(
+        "--broadcast-reps", type=int, default=3, help="peer/ours pairs, alternating order"
+    )
+    parser.add_argument("--resume-frames", type=int, default=1000)
+    parser.add_argument("--resume-reps", type=int, default=5)
+    parser.add_argument("--outbox-sessions", type=int, default=10_000, help="over sockets")
     args = parser.parse_args()
     if args.report:  # the summary is derived from the raw figures: recompute it
         saved = json.loads(args.report.read_text())
-        print(fmt_tables(saved | {"summary": summarize(saved)}))
+        print(report(saved))
         return
+    known = {"echo", *sessions_suite.SCENARIOS}
+    wanted = known if args.scenarios == "all" else set(args.scenarios.split(","))
+    if wanted - known:
+        parser.error(f"unknown scenarios: {', '.join(sorted(wanted - known))}")
+    args.scenarios = sorted(wanted)
     if args.quick:
         args.duration, args.warmup, args.idle_conns, args.startup_runs = 3.0, 1.0, 1000, 3
-    raise_nofile(args.idle_conns + 1024)  # inherited by the servers we spawn
+    # inherited by the servers we spawn
+    raise_nofile(max(args.idle_conns, args.broadcast_members) + 1024)
     RESULTS.mkdir(exist_ok=True)
     began = time.monotonic()
 
+    echo = "echo" in wanted
     tmp = tempfile.TemporaryDirectory(prefix="backchannel-dummies-")
     dummy_dir = Path(tmp.name)
     dummies.make_dummies(dummy_dir, N_DUMMIES)
-    if " serve" in args.ours:  # `backchannel plugins` (same install as ours) lists them, off
+    # `backchannel plugins` (same install as ours) lists them, off
+    if echo and " serve" in args.ours:
         cli = shlex.split(args.ours.split(" serve", 1)[0].format(python=sys.executable))
         dummies.verify(dummy_dir, N_DUMMIES, [*cli, "plugins"])
         print(f"{N_DUMMIES} dummy plugins in {dummy_dir}: listed, enabled false", file=sys.stderr)
 
-    servers = make_servers(args.ours, dummy_dir, args.plugins)
+    servers = make_servers(args.ours, dummy_dir, args.plugins) if echo else {}
     results: dict[str, Any] = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "servers": {
@@ -589,43 +618,15 @@ def main() -> None:
         "load": [],
     }
     try:
-        # Start-up: round-robin, so that a slow spell on the machine hits every server alike.
-        runs: dict[str, list[float]] = {name: [] for name in servers}
-        for _ in range(args.startup_runs):
-            for srv in servers.values():
-                runs[srv.name].append(srv.start() * 1000)
-                srv.stop()
-        for name, r in runs.items():
-            results["startup"][name] = {"median_ms": statistics.median(r), "runs_ms": r}
-            print(f"start-up {name}: {statistics.median(r):.0f} ms {r}", file=sys.stderr)
+        if echo:
+            run_echo(servers, args, results)
+        if wanted - {"echo"}:
 
-        for srv in servers.values():
-            srv.start()
-        for srv in servers.values():
-            results["servers"][srv.name]["loop_observed"] = srv.observed_loop()
-        for srv in servers.values():
-            if srv.idle:
-                results["idle"][srv.name] = asyncio.run(
-                    measure_idle(srv.url(args.path), srv.pid, args.idle_conns)
-                )
-                i = results["idle"][srv.name]
-                print(
-                    f"idle {srv.name}: {i['rss_per_conn_kib']:.1f} KiB/conn "
-                    f"({i['connections']} conns, {i['failures']} failed)",
-                    file=sys.stderr,
-                )
+            def make(name: str, template: str, loop: str, env: dict[str, str]) -> Server:
+                return Server(name, template, loop, None, env, idle=False)
 
-        for scenario, inflight, deflate, names in SCENARIOS:
-            for name in names:
-                results["load"].append(
-                    run_scenario(servers[name], args, scenario, inflight, deflate)
-                )
-        # More closed-loop runs for the plugin comparison. The main pass ran A then B;
-        # these run B A, B A, ... so that the order (and any drift) is balanced.
-        for _ in range(args.plugin_reps - 1):
-            for name in (PLUGINS, "ours-uvloop"):
-                row = run_scenario(servers[name], args, "closed-loop", 1, False)
-                results["load"].append(row | {"repeat": True})
+            project = ours_from(args.ours)
+            sessions_suite.run_phases(args, results, make, args.ours, args.plugins, project)
     finally:
         for srv in servers.values():
             srv.stop()
@@ -635,14 +636,66 @@ def main() -> None:
     tmp.cleanup()
     results["host"]["loadavg_after"] = os.getloadavg()
     results["wall_s"] = time.monotonic() - began
-    results["summary"] = summarize(results)
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(results, indent=2) + "\n"
-    for path in (RESULTS / f"{stamp}.json", RESULTS / "latest.json"):
+    # Issue 3's phases alone do not replace the echo run's latest.json (the README cites it).
+    latest = "latest.json" if echo else "latest-sessions.json"
+    for path in (RESULTS / f"{stamp}.json", RESULTS / latest):
         path.write_text(text)
-    print(fmt_tables(results))
+    print(report(results))
     print(f"\nwall time {results['wall_s']:.0f} s; results: {RESULTS / f'{stamp}.json'}")
+
+
+def report(results: dict[str, Any]) -> str:
+    """The tables of whichever phases ``results`` holds (summary recomputed from raw figures)."""
+    parts = []
+    if results.get("load"):
+        results["summary"] = summarize(results)
+        parts.append(fmt_tables(results))
+    more = sessions_suite.fmt_tables(results)
+    if more:
+        parts.append(more)
+    return "\n\n".join(parts)
+
+
+def run_echo(servers: dict[str, Server], args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Issue 2's phases: start-up, idle memory, load scenarios, plugin-overhead repeats."""
+    # Start-up: round-robin, so that a slow spell on the machine hits every server alike.
+    runs: dict[str, list[float]] = {name: [] for name in servers}
+    for _ in range(args.startup_runs):
+        for srv in servers.values():
+            runs[srv.name].append(srv.start() * 1000)
+            srv.stop()
+    for name, r in runs.items():
+        results["startup"][name] = {"median_ms": statistics.median(r), "runs_ms": r}
+        print(f"start-up {name}: {statistics.median(r):.0f} ms {r}", file=sys.stderr)
+
+    for srv in servers.values():
+        srv.start()
+    for srv in servers.values():
+        results["servers"][srv.name]["loop_observed"] = srv.observed_loop()
+    for srv in servers.values():
+        if srv.idle:
+            results["idle"][srv.name] = asyncio.run(
+                measure_idle(srv.url(args.path), srv.pid, args.idle_conns)
+            )
+            i = results["idle"][srv.name]
+            print(
+                f"idle {srv.name}: {i['rss_per_conn_kib']:.1f} KiB/conn "
+                f"({i['connections']} conns, {i['failures']} failed)",
+                file=sys.stderr,
+            )
+
+    for scenario, inflight, deflate, names in SCENARIOS:
+        for name in names:
+            results["load"].append(run_scenario(servers[name], args, scenario, inflight, deflate))
+    # More closed-loop runs for the plugin comparison. The main pass ran A then B;
+    # these run B A, B A, ... so that the order (and any drift) is balanced.
+    for _ in range(args.plugin_reps - 1):
+        for name in (PLUGINS, "ours-uvloop"):
+            row = run_scenario(servers[name], args, "closed-loop", 1, False)
+            results["load"].append(row | {"repeat": True})
 
 
 if __name__ == "__main__":

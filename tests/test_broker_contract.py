@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
+from backchannel_redis.testing import redis_broker
 
 from backchannel.broker import Broker, SessionLog
 from backchannel.memory import MemoryBroker
@@ -59,7 +60,9 @@ async def memory_broker(
         await broker.stop()
 
 
-BROKERS: dict[str, BrokerFactory] = {"memory": memory_broker}
+#: the redis factory uses a fresh key prefix per test and deletes its keys after; it
+#: skips without a reachable Redis, and fails instead when ``CI`` is set
+BROKERS: dict[str, BrokerFactory] = {"memory": memory_broker, "redis": redis_broker}
 
 
 @pytest.fixture(params=sorted(BROKERS))

@@ -142,7 +142,7 @@ def test_cli_flags_take_precedence(
         seen["backend"] = backend
 
     monkeypatch.setattr(cli.config_mod, "load", spy_load)
-    monkeypatch.setattr(cli, "_setup_logging", lambda level: seen.setdefault("level", level))
+    monkeypatch.setattr(cli, "_setup_logging", lambda level, *_: seen.setdefault("level", level))
     monkeypatch.setattr(cli.anyio, "run", fake_run)
     args = ["serve", "--config", str(path), *argv, "--backend", "trio", "--log-level", "debug"]
     assert cli.main(args) == 0
@@ -299,7 +299,7 @@ def test_example_config_passes_check(capsys: pytest.CaptureFixture[str]) -> None
     assert cfg["plugins"]["enabled"] == STANDARD
 
 
-_SETTING = re.compile(r"^#?\s*([a-z_]+) = (.*)$")
+_SETTING = re.compile(r"^#?\s*([a-z_][a-z0-9_]*) = (.*)$")
 
 
 def documented(text: str) -> dict[str, tuple[bool, str]]:

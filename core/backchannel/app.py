@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+import anyio.abc
 import pluggy
 import sniffio
 
@@ -31,6 +32,11 @@ from .hub import Connection, Hub, now_iso
 from .memory import MemoryBroker
 from .pipeline import Pipeline
 from .server import ServerOptions, serve_anyio, serve_asyncio
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .runtime import AsyncioRuntime
 
 __all__ = ["App", "EVENTS", "__version__"]
 
@@ -121,6 +127,11 @@ class App:
         self._stop: anyio.Event | None = None
         self._ready = False
         self._inline = 0
+        #: extra figures for :meth:`metrics`, by provider name (e.g. the monitoring plugin's):
+        #: each returns a dict deep-merged into the kernel's counters.
+        self.metrics_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._background: list[Callable[[], Awaitable[Any]]] = []
+        self._task_group: anyio.abc.TaskGroup | None = None
         enabled = self.config["plugins"]["enabled"]
         available = _installed() if enabled else {}
         for name in enabled:
@@ -225,7 +236,8 @@ class App:
         status = "shutting_down" if hub.shutting_down else "ok" if self._ready else "starting"
         return {
             "status": status,
-            "ready": self._ready and not hub.shutting_down,
+            # not ready while the broker cannot serve (e.g. Redis unreachable): /readyz 503
+            "ready": self._ready and not hub.shutting_down and self.broker.ready,
             "uptime": round(time.time() - self.started_at, 3),
             "connections": hub.active,
             "version": __version__,
@@ -238,7 +250,7 @@ class App:
         hub = self.hub
         uptime = max(time.time() - self.started_at, 1e-9)
         errors = sum(hub.errors.values())
-        return {
+        result: dict[str, Any] = {
             "connections": {"active": hub.active, "total": hub.total, "peak": hub.peak},
             "messages": {
                 "received": hub.frames_received,
@@ -254,6 +266,33 @@ class App:
             "handshakes": {"rejected": dict(hub.rejected)},
             "pluginFailures": {f"{h}:{p}": n for (h, p), n in self.hooks.failures.items()},
         }
+        for provider in list(self.metrics_providers.values()):
+            config_mod.merge(result, provider())
+        return result
+
+    def spawn(self, func: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``func()`` in the background while the App serves; cancelled at shutdown.
+
+        For plugins: call it from ``startup`` (the task starts once the App serves) or
+        later. An exception in ``func`` is logged; it never stops the server.
+        """
+        if self._task_group is not None:
+            self._task_group.start_soon(self._guarded, func)
+        else:
+            self._background.append(func)
+
+    def _start_background(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start what :meth:`spawn` was given before ``tg`` (the serving task group) existed."""
+        self._task_group = tg
+        waiting, self._background = self._background, []
+        for func in waiting:
+            tg.start_soon(self._guarded, func)
+
+    async def _guarded(self, func: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await func()
+        except Exception:
+            log.exception("background task %r failed", func)
 
     def set_log_level(self, level: str | int) -> None:
         """Change the level of every ``backchannel.*`` logger at run time."""
@@ -329,56 +368,86 @@ class App:
         server_cfg = self.config["server"]
         host = server_cfg["host"] if host is None else host
         port = server_cfg["port"] if port is None else port
+        listen_scope = anyio.CancelScope()
+        asyncio_server: asyncio.Server | None = None
+        runtime: AsyncioRuntime | None = None
+
+        async def listen(tg: anyio.abc.TaskGroup) -> None:
+            nonlocal asyncio_server, runtime
+            options = self._server_options()
+            if sniffio.current_async_library() == "asyncio":
+                asyncio_server, runtime = await serve_asyncio(options, host, port)
+                self.port = asyncio_server.sockets[0].getsockname()[1]
+            else:
+                bound = anyio.Event()
+
+                def started(p: int) -> None:
+                    self.port = p
+                    bound.set()
+
+                async def serve() -> None:
+                    with listen_scope:
+                        await serve_anyio(options, host, port, tg, started=started)
+
+                tg.start_soon(serve)
+                await bound.wait()
+
+        def stop_listening() -> None:
+            if asyncio_server is not None:
+                asyncio_server.close()
+            listen_scope.cancel()
+
+        def drained() -> None:
+            if runtime is not None:
+                for task in list(runtime.tasks):
+                    task.cancel()
+
+        async with self._lifecycle(listen, stop_listening, drained):
+            log.info(
+                "listening on ws://%s:%s%s (%s; plugins: %s)",
+                host,
+                self.port,
+                server_cfg["path"],
+                sniffio.current_async_library(),
+                ", ".join(self._order),
+            )
+            yield self
+
+    @asynccontextmanager
+    async def _lifecycle(
+        self,
+        listen: Callable[[anyio.abc.TaskGroup], Awaitable[None]],
+        stop_listening: Callable[[], None],
+        drained: Callable[[], None],
+    ) -> AsyncIterator[None]:
+        """Start-up, ``listen``, the hub's background tasks; on exit, ``stop_listening``, the
+        graceful drain, ``drained`` (cancel what is left), then the ``shutdown`` hooks.
+
+        Shared by :meth:`run` (a TCP listener) and the ASGI adapter's lifespan
+        (:mod:`backchannel.asgi`, whose connections come from the ASGI server).
+        """
         if self._stop is None:  # else stop() came first (SIGTERM during start-up): honour it
             self._stop = anyio.Event()
         await self._startup()
-        asyncio_server = None
         try:
             async with anyio.create_task_group() as tg:
-                listen_scope = anyio.CancelScope()
-                options = self._server_options()
-                if sniffio.current_async_library() == "asyncio":
-                    asyncio_server, runtime = await serve_asyncio(options, host, port)
-                    self.port = asyncio_server.sockets[0].getsockname()[1]
-                else:
-                    bound = anyio.Event()
-
-                    def started(p: int) -> None:
-                        self.port = p
-                        bound.set()
-
-                    async def listen() -> None:
-                        with listen_scope:
-                            await serve_anyio(options, host, port, tg, started=started)
-
-                    tg.start_soon(listen)
-                    await bound.wait()
+                await listen(tg)
                 tg.start_soon(self.hub.watch)
                 tg.start_soon(self.hub.heartbeat)
+                self._start_background(tg)
                 self._ready = True
-                log.info(
-                    "listening on ws://%s:%s%s (%s; plugins: %s)",
-                    host,
-                    self.port,
-                    server_cfg["path"],
-                    sniffio.current_async_library(),
-                    ", ".join(self._order),
-                )
                 try:
-                    yield self
+                    yield
                 finally:
                     with anyio.CancelScope(shield=True):
-                        if asyncio_server is not None:
-                            asyncio_server.close()
-                        listen_scope.cancel()
+                        stop_listening()
                         await self._drain()
-                        if asyncio_server is not None:
-                            for task in list(runtime.tasks):
-                                task.cancel()
+                        drained()
                         tg.cancel_scope.cancel()
         finally:
             self._ready = False
             self._stop = None
+            self._task_group = None
             await self.hooks.notify_async("shutdown", app=self)
             await self.broker.stop()
 

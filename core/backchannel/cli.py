@@ -32,13 +32,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("backchannel").setLevel(level)
+def _setup_logging(level: str, fmt: str = "console", explicit: str | None = None) -> None:
+    """Structured, redacted logs (:mod:`backchannel.logs`): ``log.level`` and ``log.format``;
+    ``--log-level`` (``explicit``), ``DEBUG=backchannel:*`` and ``BACKCHANNEL_LOG_LEVEL``."""
+    from .logs import setup_logging
+
+    setup_logging(level, fmt, explicit=explicit)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -46,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_mod.load(args.config, overrides=_overrides(args))
-        _setup_logging(cfg["log"]["level"])
+        _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
         app = App(cfg)
     except StartupError as exc:
         print(f"backchannel: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from zlib import crc32
 
 import anyio
+import anyio.lowlevel
 import orjson
 
 from .broker import Broker, SessionLog
@@ -164,6 +165,9 @@ def _retryable(type: str, content: Any) -> bool:
     """Errors that say "try again": not remembered, so a retry runs the request."""
     return type == "error" and content.get("code") in _RETRYABLE
 
+
+#: requests the connection's task handles in a row before giving the others a turn
+_INLINE_RUN = 16
 
 _RETRYABLE = frozenset({"overloaded", "shutting_down", "rate_limited"})
 
@@ -310,6 +314,8 @@ class Connection:
 
     def on_message(self, payload: str | bytes) -> None:
         """A complete WebSocket message arrived (called by the driver)."""
+        if self._closing:  # the server is closing it: the client re-sends after resuming
+            return
         early = self._early
         if early is not None:  # not admitted yet: nothing is answered before that
             if len(early) < self.app.pipeline.max_queued:
@@ -587,11 +593,15 @@ class Connection:
         pipeline = self.app.pipeline
         queue = self._queue
         limit = pipeline.max_in_flight
+        handled = 0
         while True:
             while not queue:
                 if self.close_code is not None:
                     return
                 await self._signal.wait()
+            handled += 1
+            if handled % _INLINE_RUN == 0:  # let other connections run during a flood
+                await anyio.lowlevel.checkpoint()
             message = queue.popleft()
             if isinstance(message, _Continue):
                 self._busy = True

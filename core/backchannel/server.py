@@ -124,6 +124,11 @@ class _DriverBase:
         if self.endpoint is not None:
             self.endpoint.on_message(payload)
 
+    def on_refused(self, status: int | None, why: str) -> None:
+        shown = status if status is not None else "(no answer: not HTTP)"
+        log.info("handshake rejected %s from %s: %s", shown, self.remote, why)
+        self.options.on_reject(str(status) if status is not None else "bad_request")
+
     # Transport
     def write(self, data: bytes) -> None:
         self.wire.send_text(data)

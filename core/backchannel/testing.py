@@ -40,6 +40,7 @@ async def serve_in_memory(app: App) -> AsyncIterator[App]:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(app.hub.watch)
+            app._start_background(tg)  # what plugins gave app.spawn()
             app._test_group = tg  # type: ignore[attr-defined]
             try:
                 yield app
@@ -47,6 +48,7 @@ async def serve_in_memory(app: App) -> AsyncIterator[App]:
                 tg.cancel_scope.cancel()
     finally:
         app._ready = False
+        app._task_group = None
         await app.hooks.notify_async("shutdown", app=app)
         await app.broker.stop()
 

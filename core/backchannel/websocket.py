@@ -40,6 +40,12 @@ _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
 )
 
 
+#: bytes of request line and headers accepted (nginx allows 32 KB, Node.js 16 KB)
+MAX_HANDSHAKE_SIZE = 65536
+#: websockets' handshake size limits (8 KB per line, 128 headers) -> the status it answered
+_TOO_LARGE = {"RequestLineTooLong": 414, "HeaderLineTooLong": 431, "TooManyHeaders": 431}
+
+
 def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str | None:
     # Offer backchannel.v1 when asked, but accept clients that ask for nothing.
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -51,6 +57,9 @@ class WireSink(Protocol):
     def on_request(self, request: HttpRequest) -> None: ...
 
     def on_message(self, payload: str | bytes) -> None: ...
+
+    def on_refused(self, status: int | None, why: str) -> None:
+        """A request too large (``status`` 414/431, already answered) or not HTTP (None)."""
 
 
 class _Side:
@@ -146,7 +155,7 @@ class _Side:
 class Wire(_Side):
     """One server-side WebSocket connection's protocol state (no I/O)."""
 
-    __slots__ = ("_sink", "_request", "subprotocol")
+    __slots__ = ("_sink", "_request", "subprotocol", "_parsed", "_head")
 
     _protocol: ServerProtocol
 
@@ -171,16 +180,29 @@ class Wire(_Side):
         self._sink = sink
         self._request: Request | None = None
         self.subprotocol: str | None = None
+        self._parsed = False  # a request was parsed, or the failure to parse one reported
+        self._head = 0  # bytes received before the request was parsed
 
     # --------------------------------------------------------------- incoming
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the network; complete events go to the sink."""
         protocol = self._protocol
+        if not self._parsed:
+            self._head += len(data)
+            if self._head > MAX_HANDSHAKE_SIZE:  # websockets' line limits alone let ~1 MB in
+                self._parsed = True
+                why = f"request head larger than {MAX_HANDSHAKE_SIZE} bytes"
+                protocol.send_response(
+                    protocol.reject(431, f"Failed to open a WebSocket connection: {why}.\n")
+                )
+                self._sink.on_refused(431, why)
+                return
         protocol.receive_data(data)
         for event in protocol.events_received():
             if isinstance(event, Request):
                 self._request = event
+                self._parsed = True
                 headers = {k.lower(): v for k, v in event.headers.raw_items()}
                 self._sink.on_request(HttpRequest("GET", event.path, headers))
                 continue
@@ -188,6 +210,10 @@ class Wire(_Side):
                 message = self._message(event)
                 if message is not None:
                     self._sink.on_message(message)
+        exc = protocol.handshake_exc
+        if exc is not None and not self._parsed:  # websockets refused what it could not parse
+            self._parsed = True
+            self._sink.on_refused(_TOO_LARGE.get(type(exc).__name__), str(exc))
 
     # --------------------------------------------------------------- outgoing
 

@@ -1,0 +1,150 @@
+"""CPU the ratelimit plugin adds per message (target: at most 2 µs).
+
+Two measurements, no sockets:
+
+* ``hook``: the ``validate`` hook alone, called as the pipeline calls it, for an
+  authenticated connection with all three buckets (connection, principal, IP)
+  active and never empty; and the same when every call is rejected (the answer's
+  exception included).
+* ``pipeline``: ``Connection.on_message`` to the answer written for a ``text``
+  request (as ``benchmarks/pipeline_micro.py``), with and without the plugin,
+  in alternating rounds; the difference of the medians is the added cost.
+
+    uv run python plugins/ratelimit/benchmarks/validate_micro.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from typing import Any
+
+import orjson
+from backchannel_ratelimit import Plugin as RateLimit
+
+from backchannel import App, BackchannelError, Message, Principal, hookimpl
+from backchannel.http import HttpRequest
+from backchannel.hub import Connection
+from backchannel.runtime import AsyncioRuntime
+
+__all__ = ["main"]
+
+OPEN = {"rate": 1e12, "burst": 1_000_000_000}
+NEVER_EMPTY = {"connection": OPEN, "principal": OPEN, "ip": OPEN, "abuse_rejections": None}
+ALWAYS_EMPTY = {
+    "connection": {"rate": 1e-9, "burst": 1},
+    "principal": None,
+    "ip": None,
+    "abuse_rejections": None,
+}
+
+
+class _Recorder:
+    """Counts written frames; sets an event after the last one."""
+
+    def __init__(self, target: int) -> None:
+        self.blocked_since: float | None = None
+        self.written = 0
+        self.target = target
+        self.done = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+        if self.written >= self.target:
+            self.done.set()
+
+    def close(self, code: int, reason: str) -> None:
+        return None
+
+    def heartbeat(self, now: float, interval: float, timeout: float) -> bool:
+        return True
+
+
+class _Alice:
+    """Every connection is principal ``alice`` (so the principal bucket applies)."""
+
+    @hookimpl
+    def authenticate(self, connection: Any) -> Principal:
+        return Principal("alice")
+
+
+async def _connection(app: App, n: int) -> tuple[Connection, _Recorder]:
+    runtime = AsyncioRuntime()
+    recorder = _Recorder(n)
+    request = HttpRequest("GET", "/ws", {})
+    request.remote = ("192.0.2.1", 40000)
+    conn = Connection(app, request, recorder, runtime)
+    runtime.spawn(conn.run)
+    for _ in range(100):  # admitted (authenticate, connect)
+        if conn.accepted:
+            break
+        await asyncio.sleep(0.001)
+    return conn, recorder
+
+
+async def hook_cost(config: dict[str, Any], n: int) -> float:
+    """µs per ``validate`` call, as the pipeline calls it."""
+    app = App(
+        {"log": {"level": "ERROR"}, "plugins": {"ratelimit": config}},
+        plugins=["text", "ratelimit", _Alice()],
+    )
+    await app._startup()
+    conn, _ = await _connection(app, 1)
+    (_, validate) = app.pipeline.validators[0]
+    message = Message("m1", "text", {"text": "hello"})
+    started = time.process_time()
+    for _ in range(n):
+        try:  # noqa: SIM105 (contextlib.suppress would add its own cost to the figure)
+            validate(message, conn)
+        except BackchannelError:
+            pass
+    elapsed = time.process_time() - started
+    plugin = app.pm.get_plugin("ratelimit")
+    assert isinstance(plugin, RateLimit)
+    stats = plugin.stats()  # the measured calls really took the path they claim
+    if config is NEVER_EMPTY:
+        assert stats["principal_buckets"] == stats["ip_buckets"] == 1, stats
+        assert stats["rate_limited"] == 0, stats
+    else:
+        assert stats["rate_limited"] == n - 1, stats  # all but the burst of 1
+    return elapsed / n * 1e6
+
+
+async def pipeline_cost(plugins: list[Any], n: int) -> float:
+    """µs of process CPU per ``text`` request, envelope to answer."""
+    app = App(
+        {"log": {"level": "ERROR"}, "plugins": {"ratelimit": NEVER_EMPTY}},
+        plugins=plugins,
+    )
+    await app._startup()
+    conn, recorder = await _connection(app, n)
+    payloads = [
+        orjson.dumps({"id": f"c-{i}", "type": "text", "content": {"text": "hello"}}).decode()
+        for i in range(n)
+    ]
+    started = time.process_time()
+    for payload in payloads:
+        conn.on_message(payload)
+        await asyncio.sleep(0)  # one request at a time, as a closed-loop client
+    await recorder.done.wait()
+    return (time.process_time() - started) / n * 1e6
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200_000
+    accept = min(asyncio.run(hook_cost(NEVER_EMPTY, n)) for _ in range(5))
+    reject = min(asyncio.run(hook_cost(ALWAYS_EMPTY, n)) for _ in range(5))
+    print(f"validate hook, 3 buckets, accepted: {accept:.3f} µs/message (best of 5)")
+    print(f"validate hook, rejected (rate_limited raised): {reject:.3f} µs/message (best of 5)")
+    base, with_rl = [], []
+    for _ in range(7):
+        base.append(asyncio.run(pipeline_cost(["text", _Alice()], n // 4)))
+        with_rl.append(asyncio.run(pipeline_cost(["text", "ratelimit", _Alice()], n // 4)))
+    b, r = statistics.median(base), statistics.median(with_rl)
+    print(f"pipeline text: {b:.2f} µs without, {r:.2f} µs with ratelimit: +{r - b:.2f} µs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,838 @@
+"""The Redis broker: sessions, rooms and presence shared by every instance.
+
+Design (docs/design.md, "Redis broker"): one Lua script per operation (atomic, one
+round trip); room history on a stream per room with a counter for offsets and an
+epoch beside it; live fan-out over pub/sub, on one connection per instance that
+subscribes only to rooms with local listeners, with gaps filled from the stream;
+session writes (outbox frames, answers, expiry) buffered and flushed pipelined by a
+background task, because the kernel makes them on the per-message path and they
+must not block; presence as a hash per room whose entries count only while their
+instance beats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import anyio
+import coredis
+import orjson
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from coredis.commands.script import Script
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
+
+from backchannel import BackchannelError, ErrorCode
+from backchannel.broker import RoomListener
+
+from . import scripts
+
+__all__ = ["RedisBroker", "StateCallback"]
+
+log = logging.getLogger("backchannel.broker.redis")
+
+#: ``on_state(ready, why)``: called on every readiness transition.
+StateCallback = Callable[[bool, str], None]
+
+#: errors that mean "Redis is not reachable now" (not a bug in a script)
+_UNREACHABLE = (RedisConnectionError, TimeoutError, OSError)
+#: most stream entries one catch-up reads
+_CATCH_UP_MAX = 10_000
+#: most buffered writes one flush sends
+_BATCH = 1024
+
+_OPEN, _APPEND, _REMEMBER, _DETACH, _ATTACH, _DROP = range(6)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Unavailable(BackchannelError):
+    def __init__(self, why: str) -> None:
+        super().__init__(ErrorCode.OVERLOADED, f"the broker is unavailable ({why}); retry later")
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A local publish: the reader says when it delivered it; the publisher when it replied."""
+
+    dispatched: anyio.Event = field(default_factory=anyio.Event)
+    resumed: anyio.Event = field(default_factory=anyio.Event)
+
+
+@dataclass(eq=False)
+class _Room:
+    """This instance's subscription to one room."""
+
+    name: str
+    listeners: list[RoomListener] = field(default_factory=list)
+    #: last offset delivered to the listeners (None until the base is read)
+    last: int | None = None
+    epoch: str | None = None
+    based: anyio.Event = field(default_factory=anyio.Event)
+    #: publishes from this instance in flight, by publish id
+    waiting: dict[str, _Waiter] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    principal_id: str
+    last_seq: int
+    log: _SessionLog
+
+
+class _SessionLog:
+    """One session's outbox and answers in Redis; remembered answers are also kept here,
+    so ``recall`` of a request never answered costs no round trip."""
+
+    __slots__ = ("broker", "id", "answers", "order", "__weakref__")
+
+    def __init__(self, broker: RedisBroker, session_id: str) -> None:
+        self.broker = broker
+        self.id = session_id
+        #: request id -> (unix time answered, seq, digest)
+        self.answers: dict[str, tuple[float, int, int]] = {}
+        self.order: deque[str] = deque()
+
+    def append(self, seq: int, frame: bytes) -> None:
+        # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
+        self.broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
+
+    async def since(self, seq: int) -> list[bytes] | None:
+        return await self.broker._since(self.id, seq)
+
+    def _keep(self, request_id: str, answered: float, seq: int, digest: int) -> None:
+        broker = self.broker
+        self.answers[request_id] = (answered, seq, digest)
+        self.order.append(request_id)
+        while len(self.order) > broker.dedupe_size:
+            self.answers.pop(self.order.popleft(), None)
+
+    def remember(self, request_id: str, seq: int, digest: int) -> None:
+        now = time.time()
+        self._keep(request_id, now, seq, digest)
+        value = f"{int(now * 1000)}:{seq}:{digest}"
+        self.broker._write(self.id, _REMEMBER, request_id, value.encode())
+
+    def recall(self, request_id: str) -> Coroutine[Any, Any, tuple[bytes, int]] | None:
+        entry = self.answers.get(request_id)
+        if entry is None or time.time() - entry[0] > self.broker.dedupe_window:
+            return None
+        return self.broker._answer(self.id, entry[1], entry[2])
+
+
+class RedisBroker:
+    """A :class:`backchannel.broker.Broker` on Redis (7.x), for asyncio and Trio."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        *,
+        url: str = "redis://127.0.0.1:6379/0",
+        key_prefix: str = "backchannel",
+        timeout: float = 1.0,
+        health_interval: float = 1.0,
+        reconnect_min_delay: float = 0.05,
+        reconnect_max_delay: float = 5.0,
+        presence_ttl: float = 15.0,
+        room_ttl: float = 86400.0,
+        max_buffered_writes: int = 100_000,
+        outbox_size: int = 1000,
+        outbox_max_bytes: int = 1 << 20,
+        dedupe_window: float = 300.0,
+        dedupe_size: int = 256,
+        session_lease: float = 120.0,
+        on_state: StateCallback | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.timeout = timeout
+        self.health_interval = health_interval
+        self.reconnect_min_delay = reconnect_min_delay
+        self.reconnect_max_delay = reconnect_max_delay
+        self.presence_ttl = presence_ttl
+        self.room_ttl = room_ttl
+        self.max_buffered_writes = max_buffered_writes
+        self.outbox_size = outbox_size
+        self.outbox_max_bytes = outbox_max_bytes
+        self.dedupe_window = dedupe_window
+        self.dedupe_size = dedupe_size
+        self.session_lease = max(session_lease, 1.0)
+        self.on_state = on_state
+        #: this process's id in Redis (presence entries, session ownership, publish ids)
+        self.instance = os.urandom(6).hex()
+        #: events by name (transitions, gaps, dropped writes, failures), for metrics and tests
+        self.counters: dict[str, int] = {}
+        self._epoch = os.urandom(8).hex()  # provisional until Redis answers
+        self._ready = False
+        self._started = False
+        self._client: coredis.Redis[bytes] | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tasks: TaskGroup | None = None
+        self._s: dict[str, Script[bytes]] = {}
+        # made in start() (they belong to the running event loop)
+        self._up: anyio.Event  # set while ready
+        self._wake: anyio.Event  # a write was queued
+        self._flush_done: anyio.Event  # a flush finished
+        self._publish_ids = count(1)
+        # sessions
+        self._logs: dict[str, _SessionLog] = {}
+        self._attached: set[str] = set()
+        self._detached: dict[str, int] = {}  # session id -> expiry (unix ms)
+        # buffered writes: (write id, session id, kind, a, b)
+        self._writes: deque[tuple[int, str, int, Any, Any]] = deque()
+        self._queued = 0
+        self._flushed = 0
+        # rooms and presence
+        self._rooms: dict[str, _Room] = {}
+        self._present: dict[str, set[tuple[str, str]]] = {}
+
+    # ----------------------------------------------------------------- keys
+
+    def _session_keys(self, session_id: str) -> list[str]:
+        base = f"{self.prefix}:s:{{{session_id}}}"
+        return [f"{base}:m", f"{base}:o", f"{base}:a", f"{base}:q"]
+
+    def _room_keys(self, room: str) -> list[str]:
+        base = f"{self.prefix}:r:{{{room}}}"
+        return [f"{base}:m", f"{base}:l"]
+
+    def _presence_keys(self, room: str) -> list[str]:
+        base = f"{self.prefix}:p:{{{room}}}"
+        return [f"{base}:h", f"{base}:i"]
+
+    def _channel(self, room: str) -> str:
+        return f"{self.prefix}:r:{room}"
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def epoch(self) -> str:
+        return self._epoch
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _set_ready(self, ready: bool, why: str) -> None:
+        if ready == self._ready:
+            return
+        self._ready = ready
+        if ready:
+            self._count("recovered")
+            log.info("redis broker ready (%s) url=%s", why, self.url)
+            self._up.set()
+        else:
+            self._count("unavailable")
+            log.warning("redis broker NOT ready: %s url=%s", why, self.url)
+            self._up = anyio.Event()
+        if self._started:
+            self._notify(ready, why)
+
+    def _notify(self, ready: bool, why: str) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(ready, why)
+            except Exception:
+                log.exception("redis broker state callback failed")
+
+    def _set_epoch(self, epoch: str) -> None:
+        if epoch != self._epoch:
+            if self._started:
+                self._count("epoch_changed")
+                log.warning(
+                    "redis broker epoch changed %s -> %s: Redis lost its data", self._epoch, epoch
+                )
+            self._epoch = epoch
+
+    def _need_ready(self) -> None:
+        if not self._ready:
+            self._count("refused")
+            raise _Unavailable("Redis is not reachable")
+
+    @property
+    def _redis(self) -> coredis.Redis[bytes]:
+        if self._client is None:
+            raise _Unavailable("not started")
+        return self._client
+
+    async def _call(self, request: Awaitable[Any]) -> Any:
+        """Await one Redis request within the timeout; unreachable Redis → ``overloaded``."""
+        try:
+            with anyio.fail_after(self.timeout * 2):
+                return await request
+        except _UNREACHABLE as exc:
+            self._set_ready(False, f"{type(exc).__name__}: {exc}")
+            raise _Unavailable(type(exc).__name__) from exc
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect and start the background tasks; not ready (not failing) if Redis is away.
+
+        The client and the task group opened here stay open until :meth:`stop`, which
+        must be called from the same task (the kernel's ``App.run`` does).
+        """
+        self._up = anyio.Event()
+        self._wake = anyio.Event()
+        self._flush_done = anyio.Event()
+        events = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
+        self._events_in: MemoryObjectSendStream[tuple[str, Any]] = events[0]
+        self._events: MemoryObjectReceiveStream[tuple[str, Any]] = events[1]
+        stack = AsyncExitStack()
+        self._stack = stack
+        client = coredis.Redis.from_url(
+            self.url,
+            stream_timeout=self.timeout,
+            connect_timeout=self.timeout,
+            # a lost connection is retried once; a timeout never (the script may have run)
+            retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
+        )
+        self._client = await stack.enter_async_context(client)
+        self._s = {name: client.register_script(getattr(scripts, name)) for name in scripts.__all__}
+        self._tasks = await stack.enter_async_context(anyio.create_task_group())
+        try:
+            with anyio.fail_after(self.timeout * 2):
+                await self._check()
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            self._count("unavailable")
+            log.warning("redis broker starts NOT ready: %s url=%s", why, self.url)
+            self._notify(False, why)
+        self._started = True
+        self._tasks.start_soon(self._health)
+        self._tasks.start_soon(self._flusher)
+        self._tasks.start_soon(self._reader)
+
+    async def stop(self) -> None:
+        """Flush what is buffered (bounded), withdraw this instance's presence, disconnect."""
+        if self._stack is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout * 2):
+            if self._ready:
+                try:
+                    await self._barrier()
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for room in self._present:
+                            pipe.zrem(self._presence_keys(room)[1], [self.instance])
+                except Exception as exc:
+                    log.warning("redis broker stopped without flushing: %s", exc)
+        self._ready = False
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()
+        stack, self._stack = self._stack, None
+        await stack.aclose()  # the task group, then the client (entered in start)
+        self._client = None
+
+    async def _check(self) -> None:
+        """One health probe: read (or make) the epoch. Marks the broker ready."""
+        epoch: bytes = await self._s["EPOCH"]([f"{self.prefix}:epoch"], [os.urandom(8).hex()])
+        self._set_epoch(_text(epoch))
+        if not self._ready:
+            await self._reassert_presence()
+        self._set_ready(True, "connected")
+
+    async def _health(self) -> None:
+        """Forever: probe Redis, renew leases and presence; back off while it is away."""
+        delay = self.reconnect_min_delay
+        next_beat = next_lease = 0.0
+        tick = min(self.health_interval, self.presence_ttl / 3, self.session_lease / 3)
+        while True:
+            try:
+                with anyio.fail_after(self.timeout * 2):
+                    await self._check()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.presence_ttl / 3
+                    await self._beat()
+                if now >= next_lease:
+                    next_lease = now + self.session_lease / 3
+                    await self._renew_leases()
+                delay = self.reconnect_min_delay
+                await anyio.sleep(tick)
+            except Exception as exc:
+                self._set_ready(False, f"{type(exc).__name__}: {exc}")
+                await anyio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, self.reconnect_max_delay)
+
+    # ------------------------------------------------------- buffered writes
+
+    def _write(self, session_id: str, kind: int, a: Any = None, b: Any = None) -> None:
+        """Queue one session write for the flusher (sync: the per-message path)."""
+        if len(self._writes) >= self.max_buffered_writes:
+            dropped = self._writes.popleft()
+            self._count("dropped_writes")
+            if self.counters["dropped_writes"] in (1, 10, 100) or not (
+                self.counters["dropped_writes"] % 1000
+            ):
+                log.warning(
+                    "redis broker write buffer full (%d): dropped a write of session %s "
+                    "(its resume will report trimmed)",
+                    self.max_buffered_writes,
+                    dropped[1],
+                )
+        self._queued += 1
+        self._writes.append((self._queued, session_id, kind, a, b))
+        self._wake.set()
+
+    async def _barrier(self) -> None:
+        """Wait until every write queued so far reached Redis (read your writes)."""
+        target = self._queued
+        if self._flushed >= target:
+            return
+        with anyio.move_on_after(self.timeout * 2):
+            while self._flushed < target:
+                await self._flush_done.wait()
+        if self._flushed < target:
+            raise _Unavailable("writes are not reaching Redis")
+
+    async def _flusher(self) -> None:
+        """Forever: send buffered writes in pipelined batches, in order per session."""
+        writes = self._writes
+        while True:
+            if not writes:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            if not self._ready:
+                await self._up.wait()
+            batch = [writes.popleft() for _ in range(min(len(writes), _BATCH))]
+            try:
+                with anyio.fail_after(self.timeout * 2):
+                    await self._send(batch)
+            except _UNREACHABLE as exc:
+                writes.extendleft(reversed(batch))  # idempotent: sent again once Redis is back
+                self._set_ready(False, f"flush failed: {type(exc).__name__}: {exc}")
+                continue
+            except Exception:
+                self._count("write_errors")
+                log.exception("redis broker dropped %d writes that Redis refused", len(batch))
+            self._flushed = max(self._flushed, batch[-1][0])
+            done, self._flush_done = self._flush_done, anyio.Event()
+            done.set()
+
+    async def _send(self, batch: list[tuple[int, str, int, Any, Any]]) -> None:
+        by_session: dict[str, list[tuple[int, Any, Any]]] = {}
+        for _, session_id, kind, a, b in batch:
+            by_session.setdefault(session_id, []).append((kind, a, b))
+        s = self._s
+        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+            for session_id, ops in by_session.items():
+                keys = self._session_keys(session_id)
+                i = 0
+                while i < len(ops):
+                    kind = ops[i][0]
+                    if kind in (_APPEND, _REMEMBER):  # one call for a run of the same kind
+                        args: list[Any] = []
+                        while i < len(ops) and ops[i][0] == kind:
+                            args += ops[i][1:]
+                            i += 1
+                        if kind == _APPEND:
+                            head = [self.outbox_size, self.outbox_max_bytes]
+                            s["APPEND"](keys[:2], head + args, client=pipe)
+                        else:
+                            s["REMEMBER"](
+                                [keys[0], keys[2], keys[3]], [self.dedupe_size, *args], client=pipe
+                            )
+                        continue
+                    _, a, _b = ops[i]
+                    i += 1
+                    if kind == _OPEN:
+                        lease = int(self.session_lease * 1000)
+                        s["OPEN"](keys, [a, self.instance, lease], client=pipe)
+                    elif kind == _DETACH:
+                        s["DETACH"](keys, [self.instance, a], client=pipe)
+                    elif kind == _ATTACH:
+                        s["ATTACH"](
+                            keys, [self.instance, int(self.session_lease * 1000)], client=pipe
+                        )
+                    else:
+                        pipe.delete(keys)
+
+    async def _renew_leases(self) -> None:
+        """Held sessions keep their keys while this instance lives (it may die holding them)."""
+        lease = int(self.session_lease * 1000)
+        held = list(self._attached)
+        for start in range(0, len(held), _BATCH):
+            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+                for session_id in held[start : start + _BATCH]:
+                    self._s["LEASE"](
+                        self._session_keys(session_id), [self.instance, lease], client=pipe
+                    )
+
+    # -------------------------------------------------------------- sessions
+
+    def open_session(self, session_id: str, principal_id: str) -> _SessionLog:
+        entry = _SessionLog(self, session_id)
+        self._logs[session_id] = entry
+        self._attached.add(session_id)
+        self._detached.pop(session_id, None)
+        self._write(session_id, _OPEN, principal_id)
+        return entry
+
+    async def find_session(self, session_id: str) -> _Record | None:
+        self._need_ready()
+        await self._barrier()
+        meta_key, _, answers_key, _ = self._session_keys(session_id)
+
+        async def read() -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+                meta = pipe.hgetall(meta_key)
+                answers = pipe.hgetall(answers_key)
+            return await meta, await answers
+
+        meta, answers = await self._call(read())
+        if not meta or b"p" not in meta:
+            return None
+        entry = self._logs.get(session_id)
+        if entry is None:  # held by another instance (or by none, after a crash)
+            entry = _SessionLog(self, session_id)
+            for request_id, value in answers.items():
+                ms, seq, digest = _text(value).split(":")
+                entry._keep(_text(request_id), int(ms) / 1000, int(seq), int(digest))
+        return _Record(_text(meta[b"p"]), int(meta.get(b"l", 0)), entry)
+
+    def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:
+        if session_id not in self._logs:
+            return
+        expiry = math.ceil((time.time() + ttl) * 1000)
+        self._attached.discard(session_id)
+        self._detached[session_id] = expiry
+        self._write(session_id, _DETACH, expiry)
+
+    def attach_session(self, session_id: str) -> None:
+        self._detached.pop(session_id, None)
+        self._attached.add(session_id)
+        if session_id not in self._logs:  # resumed here from another instance
+            self._logs[session_id] = _SessionLog(self, session_id)
+        self._write(session_id, _ATTACH)
+
+    def drop_session(self, session_id: str) -> None:
+        self._logs.pop(session_id, None)
+        self._attached.discard(session_id)
+        self._detached.pop(session_id, None)
+        self._write(session_id, _DROP)
+
+    def expired_sessions(self) -> list[str]:
+        """Sessions this instance detached whose expiry passed (Redis expired their keys:
+        nothing to delete; another instance that resumed one renewed them)."""
+        now = time.time() * 1000
+        gone = [sid for sid, expiry in self._detached.items() if now > expiry + 1]
+        for session_id in gone:
+            del self._detached[session_id]
+            self._logs.pop(session_id, None)
+        return gone
+
+    async def _since(self, session_id: str, seq: int) -> list[bytes] | None:
+        self._need_ready()
+        await self._barrier()
+        keys = self._session_keys(session_id)[:2]
+        reply = await self._call(self._s["SINCE"](keys, [seq]))
+        if reply[0] != 1:
+            return None
+        return list(reply[1]) if len(reply) > 1 else []
+
+    async def _answer(self, session_id: str, seq: int, digest: int) -> tuple[bytes, int]:
+        """The answer frame ``seq`` of a remembered request; ``b""`` when it is gone or
+        Redis cannot say (the request must not run twice either way)."""
+        try:
+            self._need_ready()
+            await self._barrier()
+            keys = self._session_keys(session_id)[:2]
+            frame = await self._call(self._s["FRAME_AT"](keys, [seq]))
+        except BackchannelError:
+            return b"", digest
+        return (bytes(frame) if frame else b""), digest
+
+    # ------------------------------------------------------------------ rooms
+
+    async def _based(self, room: str) -> None:
+        """A room subscribed here but whose base offset is not read yet: wait for it,
+        so what this call sees (a publish, a position) is after the subscription."""
+        state = self._rooms.get(room)
+        if state is not None and not state.based.is_set():
+            with anyio.move_on_after(self.timeout * 2):
+                await state.based.wait()
+
+    async def publish(
+        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+    ) -> dict[str, Any]:
+        """Store and fan out; returns once this instance's listeners got the message, so
+        the sender's reply follows every earlier message of the room (offset order)."""
+        self._need_ready()
+        await self._based(room)
+        state = self._rooms.get(room)
+        publish_id = f"{self.instance}-{next(self._publish_ids)}"
+        waiter = None
+        if state is not None:
+            waiter = state.waiting[publish_id] = _Waiter()
+        keep = int(max(self.room_ttl, history_ttl) * 1000)
+        try:
+            offset, epoch = await self._call(
+                self._s["PUBLISH"](
+                    self._room_keys(room),
+                    [
+                        self._channel(room),
+                        orjson.dumps(message),
+                        os.urandom(8).hex(),
+                        history_size,
+                        int(history_ttl * 1000),
+                        keep,
+                        publish_id,
+                    ],
+                )
+            )
+            if waiter is not None:
+                with anyio.move_on_after(self.timeout * 2):
+                    await waiter.dispatched.wait()
+                if not waiter.dispatched.is_set():
+                    self._count("publish_not_delivered_locally")
+        finally:
+            if waiter is not None and state is not None:
+                state.waiting.pop(publish_id, None)
+                waiter.resumed.set()
+        return {**message, "room": room, "offset": int(offset), "epoch": _text(epoch)}
+
+    async def room_since(
+        self, room: str, offset: int, epoch: str
+    ) -> tuple[list[dict[str, Any]] | None, int, str]:
+        self._need_ready()
+        await self._based(room)
+        keep = int(self.room_ttl * 1000)
+        reply = await self._call(
+            self._s["ROOM_SINCE"](self._room_keys(room), [offset, epoch, os.urandom(8).hex(), keep])
+        )
+        current, room_epoch, covered = int(reply[0]), _text(reply[1]), reply[2]
+        if not covered:
+            return None, current, room_epoch
+        missed = [
+            {**orjson.loads(body), "room": room, "offset": offset + i, "epoch": room_epoch}
+            for i, body in enumerate(reply[3:], 1)
+        ]
+        return missed, current, room_epoch
+
+    def subscribe(self, room: str, listener: RoomListener) -> None:
+        state = self._rooms.get(room)
+        if state is None:
+            state = self._rooms[room] = _Room(room)
+            self._events_in.send_nowait(("subscribe", state))
+        if listener not in state.listeners:
+            state.listeners.append(listener)
+
+    def unsubscribe(self, room: str, listener: RoomListener) -> None:
+        state = self._rooms.get(room)
+        if state is None or listener not in state.listeners:
+            return
+        state.listeners.remove(listener)
+        if not state.listeners:
+            del self._rooms[room]
+            for waiter in state.waiting.values():
+                waiter.dispatched.set()  # nothing will be delivered here: don't make it wait
+            self._events_in.send_nowait(("unsubscribe", room))
+
+    # ---------------------------------------------------------- live fan-out
+
+    async def _reader(self) -> None:
+        """Forever: hold the pub/sub connection; deliver room messages in offset order.
+
+        One task handles, in arrival order, pub/sub messages and (un)subscribe
+        requests, so a room's base offset, its catch-ups and its live messages are
+        never reordered. A lost connection is made again with backoff, every room is
+        subscribed again, and each subscription's confirmation fills the gap from
+        the room's stream.
+        """
+        delay = self.reconnect_min_delay
+        while True:
+            try:
+                async with self._redis.pubsub(
+                    retry_policy=NoRetryPolicy(), subscription_timeout=self.timeout
+                ) as pubsub:
+                    channels: set[str] = set()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._pump, pubsub)
+                        for state in list(self._rooms.values()):
+                            await self._establish(pubsub, channels, state)
+                        delay = self.reconnect_min_delay
+                        async for kind, value in self._events:
+                            await self._on_event(pubsub, channels, kind, value)
+            except Exception as exc:
+                self._count("subscriber_reconnects")
+                log.warning(
+                    "redis broker pub/sub connection lost (%s); reconnecting in %.2fs",
+                    exc,
+                    delay,
+                )
+            await anyio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.reconnect_max_delay)
+
+    async def _pump(self, pubsub: Any) -> None:
+        while True:
+            message = await pubsub.get_message()
+            if message is not None:
+                self._events_in.send_nowait(("pubsub", message))
+
+    async def _establish(self, pubsub: Any, channels: set[str], state: _Room) -> None:
+        """Read a new subscription's base offset, then subscribe its channel."""
+        if self._rooms.get(state.name) is not state:
+            return  # unsubscribed (or replaced) meanwhile
+        if state.last is None:
+            meta_key = self._room_keys(state.name)[0]
+            offset, epoch = await self._redis.hmget(meta_key, ["offset", "epoch"])
+            state.last = int(offset or 0)
+            state.epoch = None if epoch is None else _text(epoch)
+            state.based.set()
+        channel = self._channel(state.name)
+        if channel not in channels:
+            await pubsub.subscribe(channel)
+            channels.add(channel)
+
+    async def _on_event(self, pubsub: Any, channels: set[str], kind: str, value: Any) -> None:
+        if kind == "subscribe":
+            await self._establish(pubsub, channels, value)
+        elif kind == "unsubscribe":
+            channel = self._channel(value)
+            if value not in self._rooms and channel in channels:
+                channels.discard(channel)
+                await pubsub.unsubscribe(channel)
+        elif value["type"] == "subscribe":  # confirmed (again): fill what was missed
+            state = self._rooms.get(_text(value["channel"])[len(self.prefix) + 3 :])
+            if state is not None and state.last is not None:
+                await self._catch_up(state)
+        elif value["type"] == "message":
+            state = self._rooms.get(_text(value["channel"])[len(self.prefix) + 3 :])
+            if state is None or state.last is None:
+                return  # published before this subscription
+            head, epoch, publish_id, body = bytes(value["data"]).split(b" ", 3)
+            await self._deliver(state, int(head), _text(epoch), _text(publish_id), body)
+
+    async def _catch_up(self, state: _Room) -> None:
+        """Deliver what the room's stream holds after ``state.last``."""
+        assert state.last is not None
+        reply: list[Any] = await self._s["ROOM_AFTER"](
+            self._room_keys(state.name), [state.last, state.epoch or "", _CATCH_UP_MAX]
+        )
+        if reply[1] is None:
+            return
+        epoch = _text(reply[1])
+        entries = reply[2:]
+        for i in range(0, len(entries), 3):
+            await self._deliver(
+                state, int(entries[i]), epoch, _text(entries[i + 1]), entries[i + 2], fill=False
+            )
+
+    async def _deliver(
+        self,
+        state: _Room,
+        offset: int,
+        epoch: str,
+        publish_id: str,
+        body: bytes,
+        *,
+        fill: bool = True,
+    ) -> None:
+        assert state.last is not None
+        if epoch != state.epoch:
+            if state.epoch is not None:
+                self._count("room_epoch_changed")
+                log.warning(
+                    "room %s: epoch changed %s -> %s (its history was lost)",
+                    state.name,
+                    state.epoch,
+                    epoch,
+                )
+            state.epoch, state.last = epoch, 0
+        if offset <= state.last:
+            return  # delivered already (a catch-up and pub/sub overlap)
+        if offset > state.last + 1 and fill:
+            self._count("gaps")
+            await self._catch_up(state)
+            if offset <= state.last:
+                return
+        if offset > state.last + 1:
+            self._count("gaps_lost")
+            log.warning(
+                "room %s: offsets %d..%d are gone from its history; listeners skip them",
+                state.name,
+                state.last + 1,
+                offset - 1,
+            )
+        state.last = offset
+        stored = {**orjson.loads(body), "room": state.name, "offset": offset, "epoch": epoch}
+        for listener in list(state.listeners):
+            try:
+                listener(stored)
+            except Exception:
+                self._count("listener_errors")
+                log.exception("room listener failed room=%s", state.name)
+        waiter = state.waiting.get(publish_id)
+        if waiter is not None:  # published here: let its reply go before the next message
+            waiter.dispatched.set()
+            with anyio.move_on_after(self.timeout):
+                await waiter.resumed.wait()
+
+    # --------------------------------------------------------------- presence
+
+    async def presence_add(self, room: str, member: str, key: str) -> bool:
+        self._need_ready()
+        ttl = int(self.presence_ttl * 1000)
+        added = await self._call(
+            self._s["PRESENCE_ADD"](self._presence_keys(room), [self.instance, member, key, ttl])
+        )
+        self._present.setdefault(room, set()).add((member, key))
+        return bool(added)
+
+    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+        self._need_ready()
+        gone = await self._call(
+            self._s["PRESENCE_REMOVE"](self._presence_keys(room), [self.instance, member, key])
+        )
+        entries = self._present.get(room)
+        if entries is not None:
+            entries.discard((member, key))
+            if not entries:
+                del self._present[room]
+        return bool(gone)
+
+    async def presence(self, room: str) -> list[str]:
+        self._need_ready()
+        members = await self._call(self._s["PRESENCE_LIST"](self._presence_keys(room)))
+        return [_text(m) for m in members]
+
+    async def _beat(self) -> None:
+        """This instance still counts in every room where it has presence."""
+        ttl = int(self.presence_ttl * 1000)
+        rooms = list(self._present)
+        for start in range(0, len(rooms), _BATCH):
+            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+                for room in rooms[start : start + _BATCH]:
+                    self._s["PRESENCE_BEAT"](
+                        self._presence_keys(room), [self.instance, ttl], client=pipe
+                    )
+
+    async def _reassert_presence(self) -> None:
+        """After Redis was away (maybe restarted empty), put this instance's presence back."""
+        if not self._present:
+            return
+        ttl = int(self.presence_ttl * 1000)
+        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+            for room, entries in self._present.items():
+                for member, key in entries:
+                    self._s["PRESENCE_ADD"](
+                        self._presence_keys(room), [self.instance, member, key, ttl], client=pipe
+                    )

@@ -1,0 +1,425 @@
+"""The redis plugin with real Apps, real sockets and a real Redis: several instances.
+
+Two Apps in one process share one Redis (a fresh key prefix per test): a client
+resumes on the other instance, rooms order across instances, and readiness follows
+Redis. Redis itself is never stopped: the readiness tests reach it through a TCP
+proxy (:class:`Proxy`) that the test cuts and restores. Without a reachable Redis
+these tests skip, or fail when ``CI`` is set (``backchannel_redis.testing``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import coredis
+import pytest
+import sniffio
+from backchannel_redis import RedisBroker
+from backchannel_redis.testing import delete_keys, fresh_prefix, require_redis
+
+from backchannel import App
+
+pytestmark = pytest.mark.anyio
+
+PLUGINS = ["init", "text", "ping", "rooms", "redis"]
+#: seconds any expected event may take
+BOUND = 10.0
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def redis(anyio_backend: str) -> AsyncIterator[dict[str, str]]:
+    """The Redis URL and a fresh key prefix; the prefix's keys are deleted after."""
+    url = require_redis()
+    prefix = fresh_prefix()
+    yield {"url": url, "key_prefix": prefix}
+    await delete_keys(url, prefix)
+
+
+def new_app(redis: dict[str, Any], **settings: Any) -> App:
+    """An App using the redis broker (fast health checks, so tests stay short)."""
+    app = App(
+        {
+            "server": {"port": 0},
+            "message": {"max_in_flight": 4},
+            "plugins": {
+                "redis": {
+                    **redis,
+                    "timeout": 0.5,
+                    "health_interval": 0.1,
+                    "reconnect_max_delay": 0.2,
+                    **settings,
+                }
+            },
+        },
+        plugins=PLUGINS,
+    )
+    count = {"n": 0}
+
+    @app.handler("count")
+    def counter(message: Any) -> dict[str, int]:
+        count["n"] += 1
+        return {"n": count["n"]}
+
+    app.count = count  # type: ignore[attr-defined]
+    return app
+
+
+def broker(app: App) -> RedisBroker:
+    assert isinstance(app.broker, RedisBroker)
+    return app.broker
+
+
+@asynccontextmanager
+async def serving(app: App) -> AsyncIterator[App]:
+    async with app.run(host="127.0.0.1", port=0):
+        yield app
+
+
+@asynccontextmanager
+async def ws(app: App) -> AsyncIterator[Any]:
+    """A real WebSocket client (websockets' asyncio or trio client, by backend)."""
+    url = f"ws://127.0.0.1:{app.port}/ws"
+    options: dict[str, Any] = {"subprotocols": ["backchannel.v1"], "max_size": None}
+    if sniffio.current_async_library() == "trio":
+        from websockets.trio.client import connect as trio_connect
+
+        async with trio_connect(url, **options) as sock:
+            yield sock
+    else:
+        from websockets.asyncio.client import connect as asyncio_connect
+
+        async with asyncio_connect(url, **options) as sock:
+            yield sock
+
+
+async def send(sock: Any, ident: str, type: str, content: dict[str, Any]) -> None:
+    await sock.send(json.dumps({"id": ident, "type": type, "content": content}))
+
+
+async def recv(sock: Any) -> dict[str, Any]:
+    with anyio.fail_after(BOUND):
+        frame: dict[str, Any] = json.loads(await sock.recv())
+    return frame
+
+
+async def answer(sock: Any, ident: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The answer to ``ident`` and the frames that came before it."""
+    before: list[dict[str, Any]] = []
+    while True:
+        frame = await recv(sock)
+        if frame.get("replyTo") == ident:
+            return frame, before
+        before.append(frame)
+
+
+async def request(sock: Any, ident: str, type: str, content: dict[str, Any]) -> dict[str, Any]:
+    await send(sock, ident, type, content)
+    frame, _ = await answer(sock, ident)
+    return frame
+
+
+async def until(condition: Callable[[], Any], what: str) -> None:
+    """Wait (bounded) until ``condition()`` is true; it may be async."""
+    try:
+        with anyio.fail_after(BOUND):
+            while True:
+                result = condition()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what} (within {BOUND}s)") from None
+
+
+async def http_status(app: App, path: str) -> int:
+    with anyio.fail_after(BOUND):
+        async with await anyio.connect_tcp("127.0.0.1", app.port or 0) as stream:
+            await stream.send(
+                f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = await stream.receive()
+    return int(head.split(b" ", 2)[1])
+
+
+# ------------------------------------------------------------ resume elsewhere
+
+
+async def test_client_resumes_on_another_instance_with_missed_frames_and_answers(
+    redis: dict[str, str],
+) -> None:
+    """Frames produced on instance 1 while the client was away are replayed when it
+    resumes on instance 2; a retry there gets the original answer, run nothing."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two):
+        assert broker(one).epoch == broker(two).epoch  # the epoch lives in Redis
+        async with ws(one) as client:
+            init = (await request(client, "i1", "init", {}))["content"]
+            first = await request(client, "once", "count", {})
+            assert first["content"] == {"n": 1}
+            joined = await request(client, "j1", "join", {"room": "lobby"})
+            last_seq = joined["seq"]
+        sent = []
+        async with ws(two) as member:
+            await request(member, "m0", "join", {"room": "lobby"})
+            for n in range(3):
+                reply = await request(
+                    member, f"m{n + 1}", "text", {"room": "lobby", "text": f"{n}"}
+                )
+                sent.append(reply["content"])
+        session = init["sessionId"]
+
+        async def flushed() -> bool:  # instance 1 kept them in the session's outbox in Redis
+            record = await broker(one).find_session(session)
+            return record is not None and record.last_seq == last_seq + 3
+
+        await until(flushed, "instance 1 never stored the frames for the absent client")
+        async with ws(two) as again:
+            resume = {"sessionId": session, "lastSeq": last_seq, "epoch": init["epoch"]}
+            await send(again, "i2", "init", resume)
+            resumed, replayed = await answer(again, "i2")
+            assert resumed["content"]["resumed"] is True, resumed
+            assert resumed["content"]["missed"] == 3
+            assert [f["content"] for f in replayed] == sent
+            assert [f["seq"] for f in replayed] == [last_seq + 1, last_seq + 2, last_seq + 3]
+            assert resumed["seq"] == last_seq + 4
+            retry = await request(again, "once", "count", {})
+            assert retry["content"] == {"n": 1} and retry["seq"] == last_seq + 5
+            assert (one.count["n"], two.count["n"]) == (1, 0)  # type: ignore[attr-defined]
+            fresh = await request(again, "twice", "count", {})
+            assert fresh["content"] == {"n": 1} and two.count["n"] == 1  # type: ignore[attr-defined]
+    await no_key_without_ttl(redis)
+
+
+async def no_key_without_ttl(redis: dict[str, str]) -> None:
+    """Nothing an instance wrote outlives its purpose: every key but the epoch expires."""
+    async with coredis.Redis.from_url(redis["url"]) as client:
+        forever = []
+        seen = 0
+        async for key in client.scan_iter(match=f"{redis['key_prefix']}:*"):
+            seen += 1
+            if await client.pttl(key) < 0 and key != f"{redis['key_prefix']}:epoch".encode():
+                forever.append(key)
+    assert seen > 1 and forever == []
+
+
+# ------------------------------------------------------- rooms across instances
+
+
+async def test_members_on_two_instances_see_every_message_once_in_offset_order(
+    redis: dict[str, str],
+) -> None:
+    """2 instances x 2 members publish 20 messages each at once: every member sees all
+    80, offsets 1..80, its own as replies; presence lists all four on both instances."""
+    apps = [new_app(redis), new_app(redis)]
+    per_member = 20
+    seen: dict[int, list[dict[str, Any]]] = {}
+    async with serving(apps[0]), serving(apps[1]), AsyncExitStack() as stack:
+        socks = [await stack.enter_async_context(ws(apps[i % 2])) for i in range(4)]
+        for i, sock in enumerate(socks):
+            joined = await request(sock, f"j{i}", "join", {"room": "party"})
+            assert joined["type"] == "join", joined
+        members: list[list[str]] = []
+        for i in (0, 1):
+            listed = await request(socks[i], f"p{i}", "presence", {"room": "party"})
+            members.append(listed["content"]["members"])
+        assert len(members[0]) == 4 and members[0] == members[1] == sorted(members[0])
+        everything = len(socks) * per_member
+
+        async def member(i: int) -> None:
+            sock = socks[i]
+            for n in range(per_member):
+                await send(sock, f"{i}-{n}", "text", {"room": "party", "text": f"{i}:{n}"})
+            got = seen[i] = []
+            while len(got) < everything:
+                frame = await recv(sock)
+                if frame["type"] == "error":
+                    raise AssertionError(frame)
+                if frame["type"] == "text":
+                    got.append(frame)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(socks)):
+                tg.start_soon(member, i)
+    for i, frames in seen.items():
+        assert [f["content"]["offset"] for f in frames] == list(range(1, everything + 1)), i
+        assert len({f["content"]["epoch"] for f in frames}) == 1
+        mine = sorted(f["replyTo"] for f in frames if "replyTo" in f)
+        assert mine == sorted(f"{i}-{n}" for n in range(per_member))
+        texts = sorted(f["content"]["text"] for f in frames)
+        assert texts == sorted(f"{c}:{n}" for c in range(len(socks)) for n in range(per_member))
+
+
+async def test_presence_of_an_instance_that_stops_beating_expires_within_its_ttl(
+    redis: dict[str, str],
+) -> None:
+    """An instance that dies (its heartbeat stops, nothing is cleaned up) stops counting
+    in presence within ``presence_ttl``; a live instance's members stay."""
+    ttl = 0.5
+    url, prefix = redis["url"], redis["key_prefix"]
+    alive = RedisBroker(url=url, key_prefix=prefix, presence_ttl=ttl, health_interval=0.05)
+    dying = RedisBroker(url=url, key_prefix=prefix, presence_ttl=ttl, health_interval=0.05)
+    await alive.start()
+    await dying.start()
+    try:
+        assert await alive.presence_add("lobby", "alice", "c-1") is True
+        assert await dying.presence_add("lobby", "bob", "c-2") is True
+        assert await alive.presence("lobby") == ["alice", "bob"]
+
+        async def silent() -> None:
+            return None
+
+        dying._beat = silent  # type: ignore[method-assign]  # it dies: no heartbeat
+        died = time.monotonic()
+        with anyio.fail_after(BOUND):
+            while (members := await alive.presence("lobby")) != ["alice"]:
+                assert members == ["alice", "bob"]
+                await anyio.sleep(0.02)
+        assert time.monotonic() - died < ttl + 0.3
+        assert await alive.presence_add("lobby", "bob", "c-3") is True  # a join again
+        assert await alive.presence("lobby") == ["alice", "bob"]
+    finally:
+        await dying.stop()
+        await alive.stop()
+
+
+# ---------------------------------------------------------- readiness, recovery
+
+
+class Proxy:
+    """A TCP forwarder to Redis that a test cuts and restores (Redis itself stays up)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.up = False
+        self.port = 0
+        self._scopes: set[anyio.CancelScope] = set()
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        task_status.started()
+        await listener.serve(self._forward)
+
+    async def _forward(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            if not self.up:
+                return
+            with anyio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    upstream = await anyio.connect_tcp(*self.target)
+                    async with upstream, anyio.create_task_group() as tg:
+                        tg.start_soon(self._pipe, client, upstream, tg.cancel_scope)
+                        tg.start_soon(self._pipe, upstream, client, tg.cancel_scope)
+                finally:
+                    self._scopes.discard(scope)
+
+    @staticmethod
+    async def _pipe(
+        source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, done: anyio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in source:
+                await sink.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        done.cancel()
+
+    def cut(self) -> None:
+        """Refuse new connections and drop the open ones."""
+        self.up = False
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+async def test_readiness_follows_redis_and_requests_answer_overloaded_meanwhile(
+    redis: dict[str, str],
+) -> None:
+    """Unreachable at start: /readyz 503, requests that need the broker answer
+    overloaded, and an alert fires; reachable: ready; cut again: not ready within a
+    bound; back: ready, with the alert resolved each time."""
+    async with anyio.create_task_group() as tg:
+        proxy = Proxy(redis["url"])
+        await tg.start(proxy.serve)
+        app = new_app(redis, url=proxy.url)
+        alerts: list[tuple[str, str]] = []
+        app.on("alert")(lambda name, state, details: alerts.append((name, state)))
+        async with serving(app):
+            assert app.health()["ready"] is False and broker(app).ready is False
+            assert await http_status(app, "/readyz") == 503
+            assert await http_status(app, "/healthz") == 200
+            async with ws(app) as client:
+                refused = await request(client, "p1", "presence", {"room": "lobby"})
+                assert refused["type"] == "error" and refused["content"]["code"] == "overloaded"
+                assert (await request(client, "ping", "ping", {}))["type"] == "pong"
+                proxy.up = True
+                await until(lambda: app.health()["ready"], "never became ready")
+                assert await http_status(app, "/readyz") == 200
+                listed = await request(client, "p2", "presence", {"room": "lobby"})
+                assert listed["content"] == {"room": "lobby", "members": []}
+                proxy.cut()
+                await until(lambda: not app.health()["ready"], "a lost Redis went unnoticed")
+                assert await http_status(app, "/readyz") == 503
+                refused = await request(client, "p3", "presence", {"room": "lobby"})
+                assert refused["content"]["code"] == "overloaded"
+                proxy.up = True
+                await until(lambda: app.health()["ready"], "never recovered")
+                assert (await request(client, "p4", "presence", {"room": "lobby"}))["type"] == (
+                    "presence"
+                )
+        tg.cancel_scope.cancel()
+    assert alerts == [
+        ("redis_unavailable", "firing"),
+        ("redis_unavailable", "resolved"),
+        ("redis_unavailable", "firing"),
+        ("redis_unavailable", "resolved"),
+    ]
+    assert broker(app).counters["unavailable"] >= 2 and broker(app).counters["recovered"] >= 2
+
+
+async def test_room_messages_published_while_redis_was_away_arrive_after_in_order(
+    redis: dict[str, str],
+) -> None:
+    """Instance 1 loses Redis while instance 2 keeps publishing: when it is back, its
+    member gets what it missed from the room's stream, in offset order, then live."""
+    async with anyio.create_task_group() as tg:
+        proxy = Proxy(redis["url"])
+        proxy.up = True
+        await tg.start(proxy.serve)
+        cut_off, direct = new_app(redis, url=proxy.url), new_app(redis)
+        async with serving(cut_off), serving(direct), ws(cut_off) as far, ws(direct) as near:
+            await request(far, "j1", "join", {"room": "lobby"})
+            await request(near, "j2", "join", {"room": "lobby"})
+            proxy.cut()
+            await until(lambda: not cut_off.health()["ready"], "a lost Redis went unnoticed")
+            sent = []
+            for n in range(3):
+                reply = await request(near, f"t{n}", "text", {"room": "lobby", "text": f"{n}"})
+                sent.append(reply["content"])
+            proxy.up = True
+            got = [(await recv(far))["content"] for _ in range(3)]
+            assert got == sent and [m["offset"] for m in got] == [1, 2, 3]
+            live = await request(near, "t3", "text", {"room": "lobby", "text": "live"})
+            assert (await recv(far))["content"] == live["content"]
+            assert broker(cut_off).counters.get("subscriber_reconnects", 0) >= 1
+        tg.cancel_scope.cancel()

@@ -1,0 +1,234 @@
+"""Handshake hardening over real sockets (issue 4 item 4): no compression, bounded handshakes.
+
+What ``test_server.py`` already covers is not repeated here: a silent or dribbling
+client dropped at ``handshake_timeout`` (``test_handshake_timeout_disconnects_silent_and_
+dribbling_clients``), 1 MB of headers ending only that connection
+(``test_a_megabyte_of_headers_is_rejected_without_harm``) and the Origin allow-list
+(``test_origin_allow_list_rejects_with_403_at_handshake``). This file adds the answer
+each refused handshake gets, its log line and counter, the total size bound, and the
+timeout's edges.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import anyio
+import anyio.abc
+import pytest
+
+from backchannel import App
+from backchannel.websocket import MAX_HANDSHAKE_SIZE
+from conftest import make_app, serving, ws_connect
+
+pytestmark = pytest.mark.anyio
+
+
+def handshake(*extra: str, target: str = "/ws") -> bytes:
+    """A valid opening handshake with ``extra`` header lines."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: backchannel.v1",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class Raw:
+    """A bare TCP client: sends what it is given, reads what comes back."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def send(self, data: bytes) -> None:
+        with suppress(anyio.BrokenResourceError, OSError):  # the server may stop listening
+            await self.stream.send(data)
+
+    async def head(self) -> tuple[int, dict[str, str]]:
+        """The HTTP response's status and headers (lower-cased names)."""
+        with anyio.fail_after(5):
+            while b"\r\n\r\n" not in self.buf:
+                self.buf += await self.stream.receive(1 << 16)
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        self.buf = bytearray(rest)
+        status_line, *lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+        return int(status_line.split(" ", 2)[1]), headers
+
+    async def frame(self) -> tuple[int, bytes]:
+        """One server frame: ``(opcode, payload)`` (servers never mask)."""
+        while len(self.buf) < 2:
+            self.buf += await self.stream.receive(1 << 16)
+        length = self.buf[1] & 0x7F
+        start = 2 + {126: 2, 127: 8}.get(length, 0)
+        while len(self.buf) < start:
+            self.buf += await self.stream.receive(1 << 16)
+        if length == 126:
+            (length,) = struct.unpack("!H", self.buf[2:4])
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self.buf[2:10])
+        while len(self.buf) < start + length:
+            self.buf += await self.stream.receive(1 << 16)
+        opcode, payload = self.buf[0] & 0x0F, bytes(self.buf[start : start + length])
+        del self.buf[: start + length]
+        return opcode, payload
+
+    async def eof(self) -> bool:
+        """Read until the server ends the TCP connection."""
+        with anyio.fail_after(5):
+            try:
+                while True:
+                    await self.stream.receive(1 << 16)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                return True
+
+
+@asynccontextmanager
+async def raw(app: App) -> AsyncIterator[Raw]:
+    assert app.port is not None
+    stream = await anyio.connect_tcp("127.0.0.1", app.port)
+    try:
+        yield Raw(stream)
+    finally:
+        await stream.aclose()
+
+
+def logged(caplog: pytest.LogCaptureFixture, *texts: str) -> bool:
+    return any(all(t in r.getMessage() for t in texts) for r in caplog.records)
+
+
+# --------------------------------------------------------------------- compression
+
+
+async def test_permessage_deflate_offered_by_the_client_is_not_negotiated() -> None:
+    """A client offering permessage-deflate (as every browser does) gets no extension: the
+    server never inflates client data, so a compression bomb has nothing to expand."""
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+    async with serving(make_app()) as app:
+        async with raw(app) as r:
+            await r.send(handshake(offer))
+            status, headers = await r.head()
+            assert status == 101
+            assert "sec-websocket-extensions" not in headers
+            assert headers["sec-websocket-protocol"] == "backchannel.v1"
+        async with ws_connect(app.port, compression="deflate") as c:
+            assert c.ws.protocol.extensions == []
+            assert (await c.request("ping", {}))["type"] == "pong"
+
+
+async def test_a_compressed_frame_without_negotiation_closes_1002() -> None:
+    """A frame with RSV1 (the "compressed" bit) set anyway is a protocol error, not inflated."""
+    async with serving(make_app()) as app, raw(app) as r:
+        await r.send(handshake())
+        assert (await r.head())[0] == 101
+        payload = b"\xf2H\xcd\xc9\xc9\x07\x00"  # "Hello", deflated
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await r.send(bytes([0x80 | 0x40 | 0x1, 0x80 | len(payload)]) + mask + masked)
+        with anyio.fail_after(5):
+            opcode, body = await r.frame()
+        assert opcode == 0x8 and struct.unpack("!H", body[:2])[0] == 1002
+        assert await r.eof()
+
+
+# ------------------------------------------------------------------- size limits
+
+_LINE = "X-Pad-{}: " + "a" * 8000  # one header line within websockets' 8 KB line limit
+
+REFUSED = [
+    pytest.param(handshake("X-Big: " + "a" * (1 << 20)), "431", id="1MB-header-line"),
+    pytest.param(handshake(*(f"X-Many-{i}: a" for i in range(129))), "431", id="129-headers"),
+    pytest.param(
+        handshake(*(_LINE.format(i) for i in range(MAX_HANDSHAKE_SIZE // 8000 + 1))),
+        "431",
+        id="lines-within-limits-over-total",
+    ),
+    pytest.param(handshake(target="/ws?" + "q" * 9000), "414", id="9KB-request-line"),
+    pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", "bad_request", id="not-http"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "reason"), REFUSED)
+async def test_oversized_or_broken_handshake_is_answered_logged_and_counted(
+    request_bytes: bytes, reason: str, caplog_bc: pytest.LogCaptureFixture
+) -> None:
+    """Past a size limit the client gets 414/431 (garbage: no answer, the TCP connection ends),
+    the server logs a line and counts it by reason, and keeps serving everyone else."""
+    async with serving(make_app()) as app, ws_connect(app.port) as other:
+        async with raw(app) as r:
+            await r.send(request_bytes)
+            if reason == "bad_request":
+                assert await r.eof() and not r.buf  # nothing answered to a non-HTTP peer
+            else:
+                status, _ = await r.head()
+                assert status == int(reason)
+                assert await r.eof()
+        assert app.metrics()["handshakes"]["rejected"] == {reason: 1}
+        assert logged(caplog_bc, "handshake rejected", "127.0.0.1")
+        assert app.hub.active == 1  # the refused one never became a connection
+        assert (await other.request("ping", {}))["type"] == "pong"
+        async with ws_connect(app.port) as fresh:
+            assert (await fresh.request("ping", {}))["type"] == "pong"
+
+
+async def test_a_large_handshake_within_every_limit_is_accepted() -> None:
+    """The bounds leave room for real clients: ~56 KB of cookies in 7 lines connects."""
+    cookies = [f"Cookie: c{i}=" + "v" * 8000 for i in range(7)]
+    request = handshake(*cookies)
+    assert 56_000 < len(request) <= MAX_HANDSHAKE_SIZE
+    async with serving(make_app()) as app, raw(app) as r:
+        await r.send(request)
+        assert (await r.head())[0] == 101
+        assert app.metrics()["handshakes"]["rejected"] == {}
+
+
+# ----------------------------------------------------------------------- timeout
+
+
+async def test_dribbling_handshake_is_closed_at_the_timeout_not_before(
+    caplog_bc: pytest.LogCaptureFixture,
+) -> None:
+    """The timeout bounds the whole handshake, not the gap between bytes: a client sending a
+    byte every 0.2 s (never idle for the 1 s timeout) is still dropped, and not before 1 s."""
+    timeout = 1.0
+    app = make_app({"server": {"handshake_timeout": timeout}})
+    async with serving(app):
+        started = time.monotonic()  # before connecting: the server's clock starts on accept
+        async with raw(app) as r, anyio.create_task_group() as tg:
+
+            async def dribble() -> None:
+                for byte in handshake():
+                    await r.send(bytes([byte]))
+                    await anyio.sleep(0.2)
+
+            tg.start_soon(dribble)
+            assert await r.eof()
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+        assert elapsed >= timeout, elapsed  # a lower bound only: never closed early
+        assert app.metrics()["handshakes"]["rejected"] == {"timeout": 1}
+        assert logged(caplog_bc, "handshake timeout")
+
+
+async def test_a_slow_handshake_completed_within_the_timeout_is_accepted() -> None:
+    """A handshake arriving in pieces over 0.3 s, within a 2 s timeout, connects and works."""
+    app = make_app({"server": {"handshake_timeout": 2.0}})
+    request = handshake()
+    async with serving(app), raw(app) as r:
+        for i in range(0, len(request), len(request) // 3 + 1):
+            await r.send(request[i : i + len(request) // 3 + 1])
+            await anyio.sleep(0.1)
+        assert (await r.head())[0] == 101
+        assert app.metrics()["handshakes"]["rejected"] == {}
