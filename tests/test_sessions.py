@@ -409,7 +409,9 @@ async def test_server_cutting_all_connections_mid_flight_loses_and_repeats_nothi
         async with AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(ws_connect(app.port)) for _ in range(10)]
             sessions = [app.hub.sessions[resume_from[k][0]] for k in ids]
-            attachable = sum(len(set(ids[k]) & set(s.pending)) for k, s in zip(ids, sessions, strict=True))
+            attachable = sum(
+                len(set(ids[k]) & set(s.pending)) for k, s in zip(ids, sessions, strict=True)
+            )
             for k, c in enumerate(clients):
                 sid, epoch, last = resume_from[k]
                 before, answer = await resume(c, sid, last, epoch)
@@ -422,7 +424,9 @@ async def test_server_cutting_all_connections_mid_flight_loses_and_repeats_nothi
             await wait_until(
                 lambda: (
                     app.hub.retries == attachable
-                    and all(set(ids[k]) <= set(s.pending) for k, s in zip(ids, sessions, strict=True))
+                    and all(
+                        set(ids[k]) <= set(s.pending) for k, s in zip(ids, sessions, strict=True)
+                    )
                 )
             )
             release.set()
