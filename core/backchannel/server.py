@@ -103,6 +103,7 @@ class _DriverBase:
         self.wire = Wire(self, max_size=options.max_size, origins=options.origins)
         self.endpoint = None
         self.blocked_since = None
+        self._receiving = False
         self._ping_at = time.monotonic()
 
     # WireSink
@@ -129,14 +130,26 @@ class _DriverBase:
         log.info("handshake rejected %s from %s: %s", shown, self.remote, why)
         self.options.on_reject(str(status) if status is not None else "bad_request")
 
+    def _feed(self, data: bytes) -> None:
+        """Feed bytes read from the peer; the answers written meanwhile (requests handled
+        inline) leave together in one flush: one write, one syscall, for a whole read."""
+        self._receiving = True
+        try:
+            self.wire.receive_data(data)
+        finally:
+            self._receiving = False
+        self._flush()
+
     # Transport
     def write(self, data: bytes) -> None:
         self.wire.send_text(data)
-        self._flush()
+        if not self._receiving:
+            self._flush()
 
     def write_binary(self, data: bytes) -> None:
         self.wire.send_binary(data)
-        self._flush()
+        if not self._receiving:
+            self._flush()
 
     def close(self, code: int, reason: str) -> None:
         self.wire.close(code, reason)
@@ -195,8 +208,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
-        self.wire.receive_data(data)
-        self._flush()
+        self._feed(data)
 
     def eof_received(self) -> bool | None:
         self.wire.receive_eof()
@@ -237,12 +249,18 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             return
-        for chunk in self.wire.data_to_send():
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
-        if self.wire.close_expected() and self._timer is None:
+        chunks = self.wire.data_to_send()
+        if len(chunks) == 1 and chunks[0]:
+            transport.write(chunks[0])
+        elif chunks and b"" not in chunks:
+            transport.write(b"".join(chunks))
+        else:
+            for chunk in chunks:  # an empty chunk means half-close (EOF)
+                if chunk:
+                    transport.write(chunk)
+                elif transport.can_write_eof():
+                    transport.write_eof()
+        if self._timer is None and self.wire.close_expected():
             self._timer = self.runtime.loop.call_later(self.options.close_timeout, self._abort)
 
     def _abort(self) -> None:
@@ -344,8 +362,7 @@ class AnyioDriver(_DriverBase):
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     self.wire.receive_eof()
                     return
-                self.wire.receive_data(data)
-                self._flush()
+                self._feed(data)
         if scope.cancelled_caught:
             log.info("handshake timeout from %s", self.remote)
             self.options.on_reject("timeout")
@@ -370,8 +387,7 @@ class AnyioDriver(_DriverBase):
             self.wire.receive_eof()
             self._flush()
             return False
-        self.wire.receive_data(data)
-        self._flush()
+        self._feed(data)
         return True
 
     async def serve(self) -> None:
