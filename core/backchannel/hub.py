@@ -126,7 +126,11 @@ class Session:
         data = encode(frame)
         self.seq = seq
         self.log.append(seq, data)
-        if reply_to is not None and type != "chunk" and not _retryable(type, content):
+        if (
+            reply_to is not None
+            and type != "chunk"
+            and (type != "error" or content.get("code") not in _RETRYABLE)
+        ):
             request = self.pending.get(reply_to)
             if request is not None:  # a terminal answer: keep it for safe retries
                 if request.__class__ is Job:
@@ -161,14 +165,10 @@ class _NoLog:
 _UNADMITTED = _NoLog()
 
 
-def _retryable(type: str, content: Any) -> bool:
-    """Errors that say "try again": not remembered, so a retry runs the request."""
-    return type == "error" and content.get("code") in _RETRYABLE
-
-
 #: requests the connection's task handles in a row before giving the others a turn
 _INLINE_RUN = 16
 
+#: errors that say "try again": not remembered, so a retry runs the request
 _RETRYABLE = frozenset({"overloaded", "shutting_down", "rate_limited"})
 
 

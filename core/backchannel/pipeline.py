@@ -231,7 +231,11 @@ class Pipeline:
                 raise
             except Exception as exc:
                 raise HookFailed("handle", entry.plugin, exc) from exc
-            if _isawaitable(result) or _isasyncgen(result):
+            if (
+                result is not None
+                and type(result) is not dict
+                and (_isawaitable(result) or _isasyncgen(result))
+            ):
                 return Rest(entry, result, None)
             self._answer(conn, message, result)
         except Exception as exc:
