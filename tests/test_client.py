@@ -10,9 +10,11 @@ server.
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -544,6 +546,45 @@ async def test_rooms_across_a_reconnect() -> None:
             second = await room.__anext__()
         assert isinstance(second, dict) and second["text"] == "two"
         assert second["offset"] == first["offset"] + 1
+
+
+async def test_token_expiring_is_answered_with_auth_refresh(tmp_path: Path) -> None:
+    jwt = pytest.importorskip("jwt")
+    pytest.importorskip("backchannel_jwt")
+    secret = b"k" * 48
+    (tmp_path / "secret").write_bytes(secret)
+    key = {"kid": "hs", "algorithms": ["HS256"], "secret_file": str(tmp_path / "secret")}
+    cfg = {
+        "issuers": [{"issuer": "https://issuer.test/", "keys": [key]}],
+        "audience": "chat",
+        "leeway": 0,
+        "refresh_before": 1.5,
+        "expiry_grace": 0.2,
+    }
+    plugins = ["jwt", "init", "ping", "system", "validation"]
+    app = make_app({"plugins": {"jwt": cfg}, "auth": {"allow_anonymous": False}}, plugins)
+    first_exp = int(time.time()) + 2
+    minted: list[int] = []
+
+    async def provider() -> str:
+        exp = first_exp if not minted else int(time.time()) + 600
+        minted.append(exp)
+        claims = {"sub": "alice", "iss": "https://issuer.test/", "aud": "chat", "exp": exp}
+        return str(jwt.encode(claims, secret, algorithm="HS256", headers={"kid": "hs"}))
+
+    states = States()
+    async with serving(app), connect(url(app.port), token_provider=provider, on_state=states) as c:
+        with anyio.fail_after(5):  # the notice comes 1.5 s before exp; the refresh follows
+            while app.pm.get_plugin("jwt").refreshed == 0:  # type: ignore[union-attr]
+                await anyio.sleep(0.05)
+        assert minted[0] == first_exp and all(exp > first_exp for exp in minted[1:])
+        while time.time() < first_exp + 0.5:  # past the first exp + grace: still open
+            assert "serverTime" in await c.request("ping", timeout=2)
+            await anyio.sleep(0.1)
+        assert c.state is State.CONNECTED
+    assert states.names.count(str(State.CONNECTED)) == 1
+    assert State.RECONNECTING not in [s for s, _ in states.log]
+    assert app.pm.get_plugin("jwt").expired == 0  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- scripted peer

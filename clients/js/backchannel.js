@@ -121,7 +121,8 @@ export class BackchannelError extends Error {
  * @typedef {object} ConnectOptions
  * @property {string} [token] credential, sent in `init` (never in the URL)
  * @property {() => (string|Promise<string>)} [tokenProvider] called before every
- *   connection's `init`; wins over `token`, and makes 4008 (token expired) recoverable
+ *   connection's `init` and on a `system` `token_expiring` notice (answered with
+ *   `auth.refresh`); wins over `token`, and makes 4008 (token expired) recoverable
  * @property {boolean} [reconnect=true] re-open lost connections
  * @property {Backoff} [backoff] retry delays: attempt n waits random() * min(maximum, initial * factor^(n-1))
  * @property {number} [heartbeat=15000] ms between app-level pings; 0 disables
@@ -559,7 +560,31 @@ export class Client {
         return;
       }
     }
+    if (frame.type === "system" && content.event === "token_expiring") this._refreshToken(conn);
     if (!claimed && replyTo == null) this._call(this._options.onMessage, frame);
+  }
+
+  /**
+   * The server warned that the token expires (jwt plugin): send `auth.refresh` with a
+   * token from `tokenProvider`. On failure the server closes 4008 and the reconnect
+   * asks `tokenProvider` again.
+   */
+  async _refreshToken(conn) {
+    if (!this._options.tokenProvider) return;
+    let token;
+    try {
+      token = await this._options.tokenProvider();
+    } catch (error) {
+      console.warn("backchannel: tokenProvider failed; cannot refresh the token", error);
+      return;
+    }
+    if (conn !== this._conn || !conn.ready) return;
+    const id = this._nextId();
+    conn.internal.set(id, (frame) => {
+      if (frame.type === "error") console.warn("backchannel: auth.refresh refused", frame.content);
+      else conn.token = token;
+    });
+    this._write(conn, { id, type: "auth.refresh", content: { token } });
   }
 
   /**

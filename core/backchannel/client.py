@@ -171,6 +171,7 @@ class _Link:
         self.early: list[dict[str, Any]] = []  # frames before the init answer
         self.failure = ""
         self.refused: str | None = None  # resume refused by an error: its code; start anew
+        self.tasks: anyio.abc.TaskGroup | None = None  # ends with the connection
 
     def send(self, data: bytes) -> None:
         if self.wire.send_text(data):
@@ -240,7 +241,9 @@ class Client:
     Entering connects and starts the session. The first connection must succeed
     (else :class:`ConnectError`): a wrong URL or a refused token fails at once
     instead of retrying forever. ``token`` (or ``token_provider``, awaited before
-    every connection) goes in the ``Authorization`` header and in ``init``.
+    every connection) goes in the ``Authorization`` header and in ``init``; a
+    ``system`` ``token_expiring`` notice is answered with ``auth.refresh`` and a
+    token from ``token_provider``.
     ``on_state(state, info)`` is called on every :class:`State` change.
     """
 
@@ -450,6 +453,10 @@ class Client:
         if reply_to is None:
             if kind == "error":
                 log.warning("server error without a request: %s", content)
+            elif kind == "system" and content.get("event") == "token_expiring":
+                link = self._link
+                if self.token_provider is not None and link is not None and link.tasks is not None:
+                    link.tasks.start_soon(self._refresh_token)
         elif reply_to in self._joins:
             if kind in ("join", "error"):
                 sub, since = self._joins.pop(reply_to)
@@ -504,6 +511,18 @@ class Client:
         self._connected = True
         self._set_state(state, info)
         self._started.set()
+
+    async def _refresh_token(self) -> None:
+        """Answer a ``token_expiring`` notice (jwt plugin) with ``auth.refresh``. On
+        failure the server closes 4008; the reconnect asks the provider again."""
+        assert self.token_provider is not None
+        try:
+            token = await self.token_provider()
+            await self.request("auth.refresh", {"token": token})
+        except Exception as exc:
+            log.warning("token refresh failed: %s", exc)
+        else:
+            log.debug("token refreshed")
 
     def _send_init(self, link: _Link) -> None:
         content: dict[str, Any] = {"client": {"name": "backchannel-python", "version": __version__}}
@@ -589,6 +608,7 @@ class Client:
         link = self._link = _Link(stream, wire, token)
         try:
             async with anyio.create_task_group() as tg:
+                link.tasks = tg
                 tg.start_soon(self._writer, link, tg.cancel_scope)
                 tg.start_soon(self._watchdog, link, tg.cancel_scope)
                 link.wake.set()  # the handshake request
