@@ -75,6 +75,16 @@ class Rest:
             close()
 
 
+def _call_handler(entry: TypeEntry, message: Message, conn: Connection) -> Any:
+    """Call the type's handler; an unexpected exception names the plugin that owns it."""
+    try:
+        return entry.handler(message, conn)
+    except BackchannelError:
+        raise
+    except Exception as exc:
+        raise HookFailed("handle", entry.plugin, exc) from exc
+
+
 def adapt_handler(func: Callable[..., Any]) -> Handler:
     """Accept handlers taking ``(message)`` or ``(message, connection)``."""
     try:
@@ -225,12 +235,7 @@ class Pipeline:
                     raise HookFailed("validate", plugin, exc) from exc
                 if result is not None and _isawaitable(result):
                     return Rest(entry, result, index)
-            try:
-                result = entry.handler(message, conn)
-            except BackchannelError:
-                raise
-            except Exception as exc:
-                raise HookFailed("handle", entry.plugin, exc) from exc
+            result = _call_handler(entry, message, conn)
             if (
                 result is not None
                 and type(result) is not dict
@@ -292,12 +297,7 @@ class Pipeline:
             except Exception as exc:
                 raise HookFailed("validate", validators[current][0], exc) from exc
             job.deadline = _monotonic() + entry.timeout
-            try:
-                result = entry.handler(message, conn)
-            except BackchannelError:
-                raise
-            except Exception as exc:
-                raise HookFailed("handle", entry.plugin, exc) from exc
+            result = _call_handler(entry, message, conn)
         try:
             if _isawaitable(result):
                 result = await result
