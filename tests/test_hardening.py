@@ -1,4 +1,4 @@
-"""Handshake hardening over real sockets (issue 4 item 4): no compression, bounded handshakes.
+"""Handshake hardening over real sockets (issue 4 item 4): compression, bounded handshakes.
 
 What ``test_server.py`` already covers is not repeated here: a silent or dribbling
 client dropped at ``handshake_timeout`` (``test_handshake_timeout_disconnects_silent_and_
@@ -14,7 +14,9 @@ from __future__ import annotations
 import base64
 import os
 import struct
+import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -141,6 +143,99 @@ async def test_a_compressed_frame_without_negotiation_closes_1002() -> None:
             opcode, body = await r.frame()
         assert opcode == 0x8 and struct.unpack("!H", body[:2])[0] == 1002
         assert await r.eof()
+
+
+DEFLATE = {"server": {"compression": "deflate"}}
+OFFER = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+
+
+async def test_permessage_deflate_when_enabled_is_negotiated_and_round_trips() -> None:
+    """With ``compression = "deflate"`` the offer is accepted and messages of every size go
+    both ways compressed (the reply's text is the request's, so inflation was lossless)."""
+    async with serving(make_app(DEFLATE)) as app:
+        async with raw(app) as r:
+            await r.send(handshake(OFFER))
+            status, headers = await r.head()
+            assert status == 101
+            assert headers["sec-websocket-extensions"].startswith("permessage-deflate")
+        async with ws_connect(app.port, compression="deflate") as c:
+            assert [e.name for e in c.ws.protocol.extensions] == ["permessage-deflate"]
+            for text in ["hi", "a" * 5000, os.urandom(1500).hex()]:
+                reply = await c.request("text", {"text": text})
+                assert reply["content"]["text"] == text
+        async with ws_connect(app.port, compression=None) as plain:  # not offering it is fine
+            assert plain.ws.protocol.extensions == []
+            assert (await plain.request("ping", {}))["type"] == "pong"
+
+
+def _bomb(size: int) -> bytes:
+    """``size`` zero bytes as one permessage-deflate payload (RFC 7692 §7.2.1: the trailing
+    empty block's 00 00 ff ff removed), compressed in 1 MiB steps to keep this process small."""
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk = bytes(1 << 20)
+    data = b"".join(deflater.compress(chunk) for _ in range(size // len(chunk)))
+    data += deflater.flush(zlib.Z_SYNC_FLUSH)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
+
+
+def _masked_frame(first_byte: int, payload: bytes) -> bytes:
+    """A client frame: ``first_byte`` (FIN, RSV, opcode) then a masked ``payload``."""
+    length = len(payload)
+    if length < 126:
+        head = bytes([first_byte, 0x80 | length])
+    elif length < 1 << 16:
+        head = bytes([first_byte, 0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head = bytes([first_byte, 0x80 | 127]) + struct.pack("!Q", length)
+    mask = os.urandom(4)
+    key = int.from_bytes(mask * (length // 4 + 1), "big") >> (8 * (-length % 4))
+    return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(length, "big")
+
+
+def _peak_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc peak RSS")
+async def test_compression_bomb_closes_1009_without_a_memory_spike(
+    caplog_bc: pytest.LogCaptureFixture,
+) -> None:
+    """16 MiB of zeros deflated to ~16 KB (under max_message_size, so only the decompressed
+    size can trip the limit) closes 1009, logged and counted, while the server process's
+    peak RSS grows by far less than the bomb would inflate to; others keep being served."""
+    inflated = 16 << 20
+    max_size = 65536
+    bomb = _bomb(inflated)
+    assert len(bomb) < max_size < inflated // 100
+    frame = _masked_frame(0x80 | 0x40 | 0x1, bomb)  # FIN, RSV1 (compressed), text
+    app = make_app({"server": {"compression": "deflate", "max_message_size": max_size}})
+    async with serving(app), ws_connect(app.port, compression="deflate") as other:
+        async with raw(app) as r:
+            await r.send(handshake(OFFER))
+            status, headers = await r.head()
+            assert status == 101 and "permessage-deflate" in headers["sec-websocket-extensions"]
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+            before = _peak_rss_kib()
+            await r.send(frame)
+            with anyio.fail_after(5):
+                opcode, body = await r.frame()
+            assert opcode == 0x8 and struct.unpack("!H", body[:2])[0] == 1009
+            await r.send(_masked_frame(0x88, body[:2]))  # complete the closing handshake
+            assert await r.eof()
+            growth = _peak_rss_kib() - before
+        assert growth < 8 * 1024, f"peak RSS grew by {growth} KiB"
+        with anyio.fail_after(5):
+            while app.metrics()["closes"].get("1009") != 1:
+                await anyio.sleep(0.01)
+        assert logged(caplog_bc, "closed conn=", "code=1009")
+        assert (await other.request("text", {"text": "still here"}))["type"] == "text"
+        assert app.hub.active == 1
 
 
 # ------------------------------------------------------------------- size limits

@@ -353,6 +353,7 @@ class App:
             ws_path=server["path"],
             max_size=server["max_message_size"],
             origins=server["origins"],
+            compression=server["compression"],
             handshake_timeout=server["handshake_timeout"],
             close_timeout=min(5.0, self.config["heartbeat"]["timeout"]),
             routes=self.routes,

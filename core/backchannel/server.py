@@ -65,6 +65,8 @@ class ServerOptions:
     ws_path: str = "/ws"
     max_size: int | None = 65536
     origins: list[str] | None = None
+    #: "off" or "deflate" (permessage-deflate; inflation bounded by max_size)
+    compression: str = "off"
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     routes: dict[str, RouteHandler] = field(default_factory=dict)
@@ -100,7 +102,12 @@ class _DriverBase:
 
     def _init(self, options: ServerOptions) -> None:
         self.options = options
-        self.wire = Wire(self, max_size=options.max_size, origins=options.origins)
+        self.wire = Wire(
+            self,
+            max_size=options.max_size,
+            origins=options.origins,
+            compression=options.compression,
+        )
         self.endpoint = None
         self.blocked_since = None
         self._receiving = False

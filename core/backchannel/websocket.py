@@ -17,6 +17,8 @@ from typing import Protocol
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -26,7 +28,7 @@ from websockets.uri import parse_uri
 
 from .http import HttpRequest, HttpResponse
 
-__all__ = ["SUBPROTOCOL", "ClientWire", "Wire", "WireSink"]
+__all__ = ["COMPRESSIONS", "SUBPROTOCOL", "ClientWire", "Wire", "WireSink"]
 
 SUBPROTOCOL = "backchannel.v1"
 _log = logging.getLogger("backchannel.websocket")
@@ -44,6 +46,31 @@ _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
 MAX_HANDSHAKE_SIZE = 65536
 #: websockets' handshake size limits (8 KB per line, 128 headers) -> the status it answered
 _TOO_LARGE = {"RequestLineTooLong": 414, "HeaderLineTooLong": 431, "TooManyHeaders": 431}
+
+
+#: values of ``server.compression``
+COMPRESSIONS = ("off", "deflate")
+
+
+def _extensions(compression: str) -> list[ServerExtensionFactory]:
+    """Server extensions for ``server.compression``.
+
+    The deflate parameters are websockets' own memory-conscious defaults (4 KiB windows,
+    memLevel 5: ~64 KiB of zlib state per connection instead of ~320 KiB). Inflation is
+    bounded by ``max_size``: websockets decompresses with ``max_length`` and raises
+    PayloadTooBig (close 1009) past the limit, so a bomb never expands in memory.
+    """
+    if compression == "off":
+        return []
+    if compression == "deflate":
+        return [
+            ServerPerMessageDeflateFactory(
+                server_max_window_bits=12,
+                client_max_window_bits=12,
+                compress_settings={"memLevel": 5},
+            )
+        ]
+    raise ValueError(f"unknown compression {compression!r}; allowed: {', '.join(COMPRESSIONS)}")
 
 
 def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str | None:
@@ -165,6 +192,7 @@ class Wire(_Side):
         *,
         max_size: int | None,
         origins: Sequence[str] | None = None,
+        compression: str = "off",
     ) -> None:
         allowed: list[str | None] | None = None
         if origins is not None:
@@ -173,7 +201,8 @@ class Wire(_Side):
             origins=allowed,  # type: ignore[arg-type]
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             select_subprotocol=_select_subprotocol,  # type: ignore[arg-type]
-            max_size=max_size,
+            extensions=_extensions(compression),
+            max_size=max_size,  # bounds the decompressed size too
             logger=_log,
         )
         self._init_side()
@@ -182,6 +211,18 @@ class Wire(_Side):
         self.subprotocol: str | None = None
         self._parsed = False  # a request was parsed, or the failure to parse one reported
         self._head = 0  # bytes received before the request was parsed
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code once closed: the server's when it closed first (e.g. 1009 for a
+        message past max_size, which websockets reports as 1006 because it stops parsing
+        after failing the connection), else the peer's; 1006 when no close frame was sent."""
+        protocol = self._protocol
+        sent = protocol.close_sent
+        closed = protocol.state is State.CLOSED
+        if closed and sent is not None and not protocol.close_rcvd_then_sent:
+            return sent.code
+        return protocol.close_code
 
     # --------------------------------------------------------------- incoming
 

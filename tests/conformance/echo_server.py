@@ -5,7 +5,7 @@ Runs backchannel's own drivers (:mod:`backchannel.server`) and wire
 JSON pipeline: every text message goes back as text, every binary message as
 binary, unchanged. A test fixture only, not a product feature.
 
-    python tests/conformance/echo_server.py --driver DRIVER --host HOST --port PORT
+    python tests/conformance/echo_server.py --driver DRIVER --host HOST --port PORT [--deflate]
 
 Drivers:
 
@@ -17,8 +17,8 @@ Drivers:
 * ``anyio-trio``     -- :func:`serve_anyio` under ``anyio.run(backend="trio")``.
 
 The WebSocket endpoint is at ``/`` (``WS_PATH``): conformance/run gives wstest
-the URL ``ws://HOST:PORT/``. permessage-deflate is not negotiated (the wire does
-not offer it yet).
+the URL ``ws://HOST:PORT/``. permessage-deflate is negotiated only with ``--deflate``
+(``ServerOptions.compression = "deflate"``, what ``conformance/run --deflate`` passes).
 """
 
 from __future__ import annotations
@@ -69,11 +69,16 @@ class EchoEndpoint:
             await self._done.wait()
 
 
+#: set from --deflate before serving: offer permessage-deflate (Autobahn cases 12.x, 13.x)
+COMPRESSION = "off"
+
+
 def options() -> ServerOptions:
     return ServerOptions(
         endpoint=EchoEndpoint,
         ws_path=WS_PATH,
         max_size=MAX_MESSAGE_SIZE,
+        compression=COMPRESSION,
         handshake_timeout=10.0,
         close_timeout=5.0,
     )
@@ -133,6 +138,9 @@ if __name__ == "__main__":
     parser.add_argument("--driver", choices=DRIVERS, default="asyncio")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
     args = parser.parse_args()
+    if args.deflate:
+        COMPRESSION = "deflate"
     with contextlib.suppress(KeyboardInterrupt):
         run(args.driver, args.host, args.port)
