@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .http import HttpRequest, HttpResponse, RouteHandler
 from .runtime import AnyioRuntime, AsyncioRuntime, Runtime
@@ -137,15 +138,27 @@ class _DriverBase:
         log.info("handshake rejected %s from %s: %s", shown, self.remote, why)
         self.options.on_reject(str(status) if status is not None else "bad_request")
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> bool:
         """Feed bytes read from the peer; the answers written meanwhile (requests handled
-        inline) leave together in one flush: one write, one syscall, for a whole read."""
+        inline) leave together in one flush: one write, one syscall, for a whole batch.
+        True when messages of this read still wait (see :meth:`_deliver_more`)."""
         self._receiving = True
         try:
-            self.wire.receive_data(data)
+            more = self.wire.receive_data(data)
         finally:
             self._receiving = False
         self._flush()
+        return more
+
+    def _deliver_more(self) -> bool:
+        """Hand over the next batch of a large read; True while more wait."""
+        self._receiving = True
+        try:
+            more = self.wire.deliver()
+        finally:
+            self._receiving = False
+        self._flush()
+        return more
 
     # Transport
     def write(self, data: bytes) -> None:
@@ -215,7 +228,22 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
-        self._feed(data)
+        if self._feed(data):  # a flood in one read: let other connections run in between
+            self._pause()
+
+    def _pause(self) -> None:
+        transport = self.transport
+        if transport is not None and not self._closed:
+            transport.pause_reading()
+            self.runtime.loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self._closed:
+            return
+        if self._deliver_more():
+            self.runtime.loop.call_soon(self._continue)
+        elif self.transport is not None:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self.wire.receive_eof()
@@ -369,7 +397,7 @@ class AnyioDriver(_DriverBase):
                 except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                     self.wire.receive_eof()
                     return
-                self._feed(data)
+                await self._take(data)
         if scope.cancelled_caught:
             log.info("handshake timeout from %s", self.remote)
             self.options.on_reject("timeout")
@@ -394,8 +422,14 @@ class AnyioDriver(_DriverBase):
             self.wire.receive_eof()
             self._flush()
             return False
-        self._feed(data)
+        await self._take(data)
         return True
+
+    async def _take(self, data: bytes) -> None:
+        more = self._feed(data)
+        while more:  # a flood in one read: let other connections run in between
+            await anyio.lowlevel.checkpoint()
+            more = self._deliver_more()
 
     async def serve(self) -> None:
         try:

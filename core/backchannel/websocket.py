@@ -12,6 +12,7 @@ from __future__ import annotations
 import http
 import logging
 import os
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -42,6 +43,8 @@ _TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
 )
 
 
+#: messages of one connection handed to the kernel in a row before others get a turn
+BATCH = 64
 #: bytes of request line and headers accepted (nginx allows 32 KB, Node.js 16 KB)
 MAX_HANDSHAKE_SIZE = 65536
 #: websockets' handshake size limits (8 KB per line, 128 headers) -> the status it answered
@@ -182,7 +185,7 @@ class _Side:
 class Wire(_Side):
     """One server-side WebSocket connection's protocol state (no I/O)."""
 
-    __slots__ = ("_sink", "_request", "subprotocol", "_parsed", "_head")
+    __slots__ = ("_sink", "_request", "subprotocol", "_parsed", "_head", "_backlog")
 
     _protocol: ServerProtocol
 
@@ -209,6 +212,7 @@ class Wire(_Side):
         self._sink = sink
         self._request: Request | None = None
         self.subprotocol: str | None = None
+        self._backlog: deque[Request | Frame | Response] = deque()  # events not handed over yet
         self._parsed = False  # a request was parsed, or the failure to parse one reported
         self._head = 0  # bytes received before the request was parsed
 
@@ -226,8 +230,13 @@ class Wire(_Side):
 
     # --------------------------------------------------------------- incoming
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the network; complete events go to the sink."""
+    def receive_data(self, data: bytes) -> bool:
+        """Feed bytes from the network; complete events go to the sink.
+
+        At most :data:`BATCH` messages are handed over per call; True means more
+        wait, to be handed over by :meth:`deliver` once other connections had a turn
+        (one read can hold thousands of small requests).
+        """
         protocol = self._protocol
         if not self._parsed:
             self._head += len(data)
@@ -238,23 +247,35 @@ class Wire(_Side):
                     protocol.reject(431, f"Failed to open a WebSocket connection: {why}.\n")
                 )
                 self._sink.on_refused(431, why)
-                return
+                return False
         protocol.receive_data(data)
-        for event in protocol.events_received():
+        self._backlog.extend(protocol.events_received())
+        more = self.deliver()
+        exc = protocol.handshake_exc
+        if exc is not None and not self._parsed:  # websockets refused what it could not parse
+            self._parsed = True
+            self._sink.on_refused(_TOO_LARGE.get(type(exc).__name__), str(exc))
+        return more
+
+    def deliver(self) -> bool:
+        """Hand up to :data:`BATCH` waiting messages to the sink; True when more wait."""
+        backlog = self._backlog
+        handed = 0
+        while backlog:
+            event = backlog.popleft()
             if isinstance(event, Request):
                 self._request = event
                 self._parsed = True
                 headers = {k.lower(): v for k, v in event.headers.raw_items()}
                 self._sink.on_request(HttpRequest("GET", event.path, headers))
-                continue
-            if isinstance(event, Frame):  # (a server never receives a Response)
+            elif isinstance(event, Frame):  # (a server never receives a Response)
                 message = self._message(event)
                 if message is not None:
                     self._sink.on_message(message)
-        exc = protocol.handshake_exc
-        if exc is not None and not self._parsed:  # websockets refused what it could not parse
-            self._parsed = True
-            self._sink.on_refused(_TOO_LARGE.get(type(exc).__name__), str(exc))
+                    handed += 1
+                    if handed >= BATCH and backlog:
+                        return True
+        return False
 
     # --------------------------------------------------------------- outgoing
 
