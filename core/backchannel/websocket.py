@@ -249,7 +249,14 @@ class Wire(_Side):
                 self._sink.on_refused(431, why)
                 return False
         protocol.receive_data(data)
-        self._backlog.extend(protocol.events_received())
+        events = protocol.events_received()
+        if len(events) == 1 and not self._backlog and isinstance(events[0], Frame):
+            # the common case, one message per read: no backlog bookkeeping
+            message = self._message(events[0])
+            if message is not None:
+                self._sink.on_message(message)
+            return False
+        self._backlog.extend(events)
         more = self.deliver()
         exc = protocol.handshake_exc
         if exc is not None and not self._parsed:  # websockets refused what it could not parse
