@@ -16,9 +16,11 @@ Two measurements, no sockets:
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -41,25 +43,17 @@ ALWAYS_EMPTY = {
 }
 
 
-class _Recorder:
-    """Counts written frames; sets an event after the last one."""
+def _pipeline_micro() -> Any:
+    """``benchmarks/pipeline_micro.py`` (not a package: loaded by path), for its recorder."""
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "pipeline_micro.py"
+    spec = importlib.util.spec_from_file_location("pipeline_micro", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, target: int) -> None:
-        self.blocked_since: float | None = None
-        self.written = 0
-        self.target = target
-        self.done = asyncio.Event()
 
-    def write(self, data: bytes) -> None:
-        self.written += 1
-        if self.written >= self.target:
-            self.done.set()
-
-    def close(self, code: int, reason: str) -> None:
-        return None
-
-    def heartbeat(self, now: float, interval: float, timeout: float) -> bool:
-        return True
+_Recorder = _pipeline_micro()._Recorder
 
 
 class _Alice:
@@ -70,7 +64,7 @@ class _Alice:
         return Principal("alice")
 
 
-async def _connection(app: App, n: int) -> tuple[Connection, _Recorder]:
+async def _connection(app: App, n: int) -> tuple[Connection, Any]:
     runtime = AsyncioRuntime()
     recorder = _Recorder(n)
     request = HttpRequest("GET", "/ws", {})

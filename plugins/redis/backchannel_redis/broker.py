@@ -465,16 +465,21 @@ class RedisBroker:
                     else:
                         pipe.delete(keys)
 
+    async def _for_each(
+        self, script: str, items: list[str], keys_of: Callable[[str], list[str]], args: list[Any]
+    ) -> None:
+        """Run ``script`` once per item, pipelined: one round trip per batch of items."""
+        for start in range(0, len(items), _BATCH):
+            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+                for item in items[start : start + _BATCH]:
+                    self._s[script](keys_of(item), args, client=pipe)
+
     async def _renew_leases(self) -> None:
         """Held sessions keep their keys while this instance lives (it may die holding them)."""
         lease = int(self.session_lease * 1000)
-        held = list(self._attached)
-        for start in range(0, len(held), _BATCH):
-            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-                for session_id in held[start : start + _BATCH]:
-                    self._s["LEASE"](
-                        self._session_keys(session_id), [self.instance, lease], client=pipe
-                    )
+        await self._for_each(
+            "LEASE", list(self._attached), self._session_keys, [self.instance, lease]
+        )
 
     # -------------------------------------------------------------- sessions
 
@@ -817,13 +822,9 @@ class RedisBroker:
     async def _beat(self) -> None:
         """This instance still counts in every room where it has presence."""
         ttl = int(self.presence_ttl * 1000)
-        rooms = list(self._present)
-        for start in range(0, len(rooms), _BATCH):
-            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-                for room in rooms[start : start + _BATCH]:
-                    self._s["PRESENCE_BEAT"](
-                        self._presence_keys(room), [self.instance, ttl], client=pipe
-                    )
+        await self._for_each(
+            "PRESENCE_BEAT", list(self._present), self._presence_keys, [self.instance, ttl]
+        )
 
     async def _reassert_presence(self) -> None:
         """After Redis was away (maybe restarted empty), put this instance's presence back."""
