@@ -630,46 +630,45 @@ class Connection:
             self._signal.set()
 
     async def _handle(self, message: Message, pipeline: Pipeline) -> None:
-        session = self.session
-        answered = session.log.recall(message.id)
+        answered = self.session.log.recall(message.id)
         if answered is not None and _isawaitable(answered):  # a networked broker's log
             answered = await answered
-        if answered is not None:
-            session.pending.pop(message.id, None)
-            self._answer_again(message, answered)
-            return
-        rest = pipeline.start(self, message)
-        if rest is None:
-            session.pending.pop(message.id, None)
-            return
-        job = Job(message, self)
-        session.pending[message.id] = job
-        self.hub.running.add(job)
-        await self._finish(job, rest, pipeline)
+        started = self._start(message, answered, pipeline)
+        if started is not None:
+            await self._finish(*started, pipeline)
 
     def _handle_now(self, message: Message, pipeline: Pipeline) -> None:
         """:meth:`_handle` without waiting: a sync handler answers right here; an
         async one's rest goes to the front of the queue for the connection's task."""
-        session = self.session
-        answered = session.log.recall(message.id)
+        answered = self.session.log.recall(message.id)
         if answered is not None and _isawaitable(answered):  # needs waiting: queue it
             answered.close()  # type: ignore[attr-defined]
             self._queue.append(message)
             self._signal.set()
             return
+        started = self._start(message, answered, pipeline)
+        if started is not None:
+            self._queue.appendleft(_Continue(*started))
+            self._signal.set()
+
+    def _start(
+        self, message: Message, answered: tuple[bytes, int] | None, pipeline: Pipeline
+    ) -> tuple[Job, Rest] | None:
+        """Answer a retry again, or run the request as far as it goes without waiting;
+        the Job and what is left to await, if anything."""
+        pending = self.session.pending
         if answered is not None:
-            session.pending.pop(message.id, None)
+            pending.pop(message.id, None)
             self._answer_again(message, answered)
-            return
+            return None
         rest = pipeline.start(self, message)
         if rest is None:  # answered: a sync handler never needs a Job
-            session.pending.pop(message.id, None)
-            return
+            pending.pop(message.id, None)
+            return None
         job = Job(message, self)
-        session.pending[message.id] = job
+        pending[message.id] = job
         self.hub.running.add(job)
-        self._queue.appendleft(_Continue(job, rest))
-        self._signal.set()
+        return job, rest
 
     async def _finish(self, job: Job, rest: Rest, pipeline: Pipeline) -> None:
         try:
