@@ -304,7 +304,7 @@ async def test_attached_session_never_expires(broker: Broker) -> None:
     broker.open_session("s-witness", "bob").append(1, frame(1))
     broker.detach_session("s-back", 1, 0.1)
     broker.detach_session("s-witness", 1, 0.1)  # detached later: expires no earlier
-    broker.attach_session("s-back")
+    broker.attach_session("s-back", 1)
     seen = await expire(broker, "s-witness")
     assert "s-back" not in seen
     record = await broker.find_session("s-back")

@@ -28,7 +28,7 @@ from .broker import Broker
 from .errors import CloseCode, StartupError
 from .hooks import HookFailed, Hooks
 from .http import HttpRequest, HttpResponse, RouteHandler, json_response
-from .hub import Connection, Hub, now_iso
+from .hub import Connection, Hub, holder_of, now_iso
 from .memory import MemoryBroker
 from .pipeline import Pipeline
 from .server import ServerOptions, serve_anyio, serve_asyncio
@@ -203,26 +203,35 @@ class App:
     # ------------------------------------------------------------------ output
 
     def send(self, connection_id: str, type: str | dict[str, Any], content: Any = None) -> bool:
-        """Send a frame to one connection; False when it is not connected here.
+        """Send a frame to one connection, in this process or another sharing the broker.
 
         Takes ``(connection_id, type, content)`` or the seed's
-        ``(connection_id, {"type": ..., "content": ...})``.
+        ``(connection_id, {"type": ..., "content": ...})``. True when the frame was
+        sent here or handed to the broker for the process holding the connection
+        (the connection id names it); False when no live connection has that id.
         """
         kind, body = _split(type, content)
         conn = self.hub.connections.get(connection_id)
-        if conn is None:
+        if conn is not None:
+            conn.send(kind, body)
+            return True
+        holder = holder_of(connection_id)
+        if holder is None or holder == self.broker.instance:
             return False
-        conn.send(kind, body)
+        self.broker.tell(
+            holder, {"op": "send", "connection": connection_id, "type": kind, "content": body}
+        )
         return True
 
     def broadcast(self, type: str | dict[str, Any], content: Any = None) -> int:
-        """Send a frame to every connection; returns how many got it."""
+        """Send a frame to every connection of every process sharing the broker.
+
+        Returns how many connections of this process got it (the other processes
+        are told through the broker and send to theirs).
+        """
         kind, body = _split(type, content)
-        count = 0
-        for conn in list(self.hub.connections.values()):
-            conn.send(kind, body)
-            count += 1
-        return count
+        self.broker.tell(None, {"op": "broadcast", "type": kind, "content": body})
+        return self.hub.broadcast(kind, body)
 
     def connections(self) -> list[Connection]:
         """The live connections of this process."""
@@ -265,6 +274,14 @@ class App:
             "closes": {str(k): v for k, v in hub.closes.items()},
             "handshakes": {"rejected": dict(hub.rejected)},
             "pluginFailures": {f"{h}:{p}": n for (h, p), n in self.hooks.failures.items()},
+            "broker": {
+                "name": self.broker.name,
+                "instance": self.broker.instance,
+                "ready": self.broker.ready,
+                # a networked broker's events (transitions, gaps, dropped writes, ...)
+                "events": dict(getattr(self.broker, "counters", {})),
+                "control": dict(hub.control),
+            },
         }
         for provider in list(self.metrics_providers.values()):
             config_mod.merge(result, provider())
@@ -315,6 +332,7 @@ class App:
             raise StartupError(str(exc)) from exc
         if chosen is not None:
             self.broker = chosen
+        self.broker.on_control(self.hub.on_control)
         await self.broker.start()
         self.pipeline.build()
         self.routes = {"/healthz": self._healthz, "/readyz": self._readyz}

@@ -7,9 +7,14 @@ for one process; the ``broker`` hook lets a plugin (redis) supply another with t
 same interface, and one contract suite (``tests/test_broker_contract.py``) runs
 against every broker.
 
-Writes on the per-message path (``SessionLog.append``, ``remember``) are sync and
-must not block: a networked broker buffers them and flushes in the background.
-Reads happen on resume, join and retry, and may wait.
+Writes on the per-message path (``SessionLog.append``, ``remember``, ``tell``) are
+sync and must not block: a networked broker buffers them and flushes in the
+background. Reads happen on resume, join and retry, and may wait.
+
+Processes sharing a broker reach each other's connections through control
+messages (:meth:`Broker.tell`): ``app.send`` to a connection of another process,
+``app.broadcast``, and the takeover of a session resumed elsewhere. A connection
+id embeds the :attr:`Broker.instance` of the process that holds it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Broker", "RoomListener", "SessionLog", "SessionRecord"]
+__all__ = ["Broker", "ControlListener", "RoomListener", "SessionLog", "SessionRecord"]
 
 #: Called with each message published to a room this process subscribed to.
 RoomListener = Callable[[dict[str, Any]], None]
+#: Called with each control message another process told this one (a dict with "op").
+ControlListener = Callable[[dict[str, Any]], None]
 
 
 @runtime_checkable
@@ -68,6 +75,10 @@ class Broker(Protocol):
     #: short name for logs and metrics (``memory``, ``redis``).
     name: str
 
+    #: this process's id among those sharing the broker (letters and digits only);
+    #: connection ids embed it, so any process knows which one holds a connection.
+    instance: str
+
     @property
     def epoch(self) -> str:
         """Changes whenever the broker lost its data (restart of an in-memory store)."""
@@ -93,8 +104,13 @@ class Broker(Protocol):
     def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:
         """The session's last connection closed: keep it ``ttl`` seconds more."""
 
-    def attach_session(self, session_id: str) -> None:
-        """A connection resumed the session: it no longer expires."""
+    def attach_session(self, session_id: str, last_seq: int) -> None:
+        """A connection of this process resumed the session at ``last_seq``: it no longer
+        expires, and this process's frames (from ``last_seq + 1``) are the session's.
+
+        A networked broker tells the process that held the session before, if another
+        one, ``{"op": "takeover", "session": session_id}`` (it closes its connection
+        with 4009 and writes nothing more to the session)."""
 
     def drop_session(self, session_id: str) -> None:
         """Forget the session now."""
@@ -126,6 +142,19 @@ class Broker(Protocol):
 
     def unsubscribe(self, room: str, listener: RoomListener) -> None:
         """Stop calling ``listener`` for ``room``."""
+
+    # control messages -------------------------------------------------------
+
+    def on_control(self, listener: ControlListener) -> None:
+        """Call ``listener`` with every control message told to this process."""
+
+    def tell(self, instance: str | None, message: dict[str, Any]) -> None:
+        """Hand ``message`` (JSON-able, with an ``"op"``) to the control listener of
+        process ``instance``, or of every *other* process when None; in the order told.
+
+        At most once: a process that is gone or cut off from the broker misses it (a
+        networked broker counts and logs that). Durable fan-out is what rooms are for.
+        """
 
     # presence ---------------------------------------------------------------
 

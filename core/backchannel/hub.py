@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .app import App
     from .pipeline import Pipeline, Rest
 
-__all__ = ["Connection", "Hub", "Job", "Session", "Transport", "now_iso"]
+__all__ = ["Connection", "Hub", "Job", "Session", "Transport", "holder_of", "now_iso"]
 
 log = logging.getLogger("backchannel.connection")
 
@@ -47,6 +47,14 @@ ANONYMOUS = "anonymous:"
 _frame_ids = itertools.count(1)
 _ts_ms = -1
 _ts_text = ""
+
+
+def holder_of(connection_id: str) -> str | None:
+    """The broker instance (process) holding ``connection_id``, or None if not one of ours."""
+    if not connection_id.startswith("c-"):
+        return None
+    instance, dot, _ = connection_id[2:].partition(".")
+    return instance if dot and instance else None
 
 
 def now_iso() -> str:
@@ -224,7 +232,8 @@ class Connection:
     ) -> None:
         self.app = app
         self.hub = app.hub
-        self.id = "c-" + os.urandom(8).hex()
+        # the instance names the process holding it: app.send from another one finds it
+        self.id = f"c-{self.hub.broker.instance}.{os.urandom(6).hex()}"
         self.request = request
         self.remote = request.remote
         self.transport = transport
@@ -537,7 +546,7 @@ class Connection:
         previous = session.connection
         session.connection = self
         self.session = session
-        broker.attach_session(session_id)
+        broker.attach_session(session_id, session.seq)
         if previous is not None and previous is not self:
             previous.close(CloseCode.SESSION_TAKEN, "session resumed by another connection")
         # Forget the connection's own new session: nothing can resume it, and it is never
@@ -751,6 +760,8 @@ class Hub:
         #: connections past the handshake still in authenticate/connect (they count
         #: against max_connections, so simultaneous handshakes cannot overshoot it)
         self.admitting = 0
+        #: control messages from other processes handled here, by op
+        self.control: dict[str, int] = {}
 
     @property
     def active(self) -> int:
@@ -771,6 +782,46 @@ class Hub:
                     job.connection.runtime.interrupt(job, "expired")
             session.pending.clear()
             self.app.hooks.notify("session_expired", session=session)
+
+    def broadcast(self, type: str, content: Any) -> int:
+        """Send a frame to every connection of this process; returns how many."""
+        connections = list(self.connections.values())
+        for conn in connections:
+            conn.send(type, content)
+        return len(connections)
+
+    def on_control(self, message: dict[str, Any]) -> None:
+        """A control message from another process sharing the broker (:meth:`Broker.tell`)."""
+        op = message.get("op")
+        if op == "send":
+            conn = self.connections.get(message["connection"])
+            if conn is None:
+                self.count_control("send_unknown_connection")
+                log.info("send from another instance to unknown conn=%s", message["connection"])
+                return
+            conn.send(message["type"], message["content"])
+        elif op == "broadcast":
+            self.broadcast(message["type"], message["content"])
+        elif op == "takeover":
+            self.take_over(message["session"])
+        else:
+            self.count_control("unknown_op")
+            log.warning("unknown control message op=%r from another instance", op)
+            return
+        self.count_control(str(op))
+
+    def take_over(self, session_id: str) -> None:
+        """Another process resumed session ``session_id``: forget it here and close the
+        connection still holding it (4009), so two processes never number its frames."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        conn, session.connection = session.connection, None
+        if conn is not None:
+            conn.close(CloseCode.SESSION_TAKEN, "session resumed on another instance")
+
+    def count_control(self, name: str) -> None:
+        self.control[name] = self.control.get(name, 0) + 1
 
     def add(self, connection: Connection) -> None:
         self.connections[connection.id] = connection

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from .broker import RoomListener
+from .broker import ControlListener, RoomListener
 
 __all__ = ["MemoryBroker"]
 
@@ -129,6 +129,7 @@ class MemoryBroker:
         dedupe_size: int = 256,
     ) -> None:
         self._epoch = os.urandom(4).hex()
+        self.instance = os.urandom(6).hex()
         self.outbox_size = outbox_size
         self.outbox_max_bytes = outbox_max_bytes
         self.dedupe_window = dedupe_window
@@ -137,6 +138,7 @@ class MemoryBroker:
         self.detached: dict[str, float] = {}
         self.rooms: dict[str, _Room] = {}
         self.present: dict[str, dict[str, set[str]]] = {}
+        self._control: ControlListener | None = None
 
     @property
     def epoch(self) -> str:
@@ -175,7 +177,7 @@ class MemoryBroker:
         if session_id in self.sessions:
             self.detached[session_id] = _monotonic() + ttl
 
-    def attach_session(self, session_id: str) -> None:
+    def attach_session(self, session_id: str, last_seq: int) -> None:
         self.detached.pop(session_id, None)
 
     def drop_session(self, session_id: str) -> None:
@@ -192,6 +194,15 @@ class MemoryBroker:
     def memory_bytes(self) -> int:
         """Bytes held by session outboxes (frames only), for budgets and metrics."""
         return sum(entry.size for entry in self.sessions.values())
+
+    # control messages: one process, so only this one can be told -----------
+
+    def on_control(self, listener: ControlListener) -> None:
+        self._control = listener
+
+    def tell(self, instance: str | None, message: dict[str, Any]) -> None:
+        if instance == self.instance and self._control is not None:
+            self._control(message)
 
     # rooms ------------------------------------------------------------------
 

@@ -296,7 +296,7 @@ class Plugin:
         return json_response(
             {
                 "health": app.health(),
-                "broker": {"name": app.broker.name, "ready": app.broker.ready},
+                "broker": app.metrics()["broker"],
                 "interval": self.cfg["interval"],
                 "series": list(self.series),
                 "plugins": plugins,

@@ -112,6 +112,23 @@ class AppCollector:
         )
         ready.add_metric([app.broker.name], 1.0 if app.broker.ready else 0.0)
         yield ready
+        events = CounterMetricFamily(
+            "backchannel_broker_events",
+            "Broker events (unavailable, recovered, gaps, epoch changes, dropped writes, "
+            "control messages no process received...), by broker and event.",
+            labels=["broker", "event"],
+        )
+        for event, n in sorted(getattr(app.broker, "counters", {}).items()):
+            events.add_metric([app.broker.name, event], n)
+        yield events
+        control = CounterMetricFamily(
+            "backchannel_control_messages",
+            "Control messages from other instances handled here (send, broadcast, takeover).",
+            labels=["op"],
+        )
+        for op, n in sorted(app.hub.control.items()):
+            control.add_metric([op], n)
+        yield control
 
         firing = GaugeMetricFamily(
             "backchannel_alert_firing", "1 while the alert fires.", labels=["alert"]

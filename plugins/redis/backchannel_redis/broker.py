@@ -34,7 +34,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
 from backchannel import BackchannelError, ErrorCode
-from backchannel.broker import RoomListener
+from backchannel.broker import ControlListener, RoomListener
 
 from . import scripts
 
@@ -159,6 +159,7 @@ class RedisBroker:
     ) -> None:
         self.url = url
         self.prefix = key_prefix
+        self._room_channels = f"{key_prefix}:r:"
         self.timeout = timeout
         self.health_interval = health_interval
         self.reconnect_min_delay = reconnect_min_delay
@@ -199,6 +200,9 @@ class RedisBroker:
         # rooms and presence
         self._rooms: dict[str, _Room] = {}
         self._present: dict[str, set[tuple[str, str]]] = {}
+        # control messages: (instance or None for all, encoded message), published in order
+        self._tells: deque[tuple[str | None, bytes]] = deque()
+        self._control: ControlListener | None = None
 
     # ----------------------------------------------------------------- keys
 
@@ -215,7 +219,11 @@ class RedisBroker:
         return [f"{base}:h", f"{base}:i"]
 
     def _channel(self, room: str) -> str:
-        return f"{self.prefix}:r:{room}"
+        return f"{self._room_channels}{room}"
+
+    def _control_channel(self, instance: str | None) -> str:
+        """Where control messages for ``instance`` (every instance when None) go."""
+        return f"{self.prefix}:all" if instance is None else f"{self.prefix}:i:{instance}"
 
     # ---------------------------------------------------------------- state
 
@@ -292,6 +300,7 @@ class RedisBroker:
         self._up = anyio.Event()
         self._wake = anyio.Event()
         self._flush_done = anyio.Event()
+        self._told = anyio.Event()
         events = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
         self._events_in: MemoryObjectSendStream[tuple[str, Any]] = events[0]
         self._events: MemoryObjectReceiveStream[tuple[str, Any]] = events[1]
@@ -319,6 +328,7 @@ class RedisBroker:
         self._tasks.start_soon(self._health)
         self._tasks.start_soon(self._flusher)
         self._tasks.start_soon(self._reader)
+        self._tasks.start_soon(self._teller)
 
     async def stop(self) -> None:
         """Flush what is buffered (bounded), withdraw this instance's presence, disconnect."""
@@ -373,20 +383,24 @@ class RedisBroker:
 
     # ------------------------------------------------------- buffered writes
 
+    def _count_loudly(self, name: str, message: str, *args: Any) -> None:
+        """Count an event that may repeat fast; log its 1st, 10th, 100th, then every 1000th."""
+        self._count(name)
+        n = self.counters[name]
+        if n in (1, 10, 100) or not n % 1000:
+            log.warning(message + " (%d so far)", *args, n)
+
     def _write(self, session_id: str, kind: int, a: Any = None, b: Any = None) -> None:
         """Queue one session write for the flusher (sync: the per-message path)."""
         if len(self._writes) >= self.max_buffered_writes:
             dropped = self._writes.popleft()
-            self._count("dropped_writes")
-            if self.counters["dropped_writes"] in (1, 10, 100) or not (
-                self.counters["dropped_writes"] % 1000
-            ):
-                log.warning(
-                    "redis broker write buffer full (%d): dropped a write of session %s "
-                    "(its resume will report trimmed)",
-                    self.max_buffered_writes,
-                    dropped[1],
-                )
+            self._count_loudly(
+                "dropped_writes",
+                "redis broker write buffer full (%d): dropped a write of session %s "
+                "(its resume will report trimmed)",
+                self.max_buffered_writes,
+                dropped[1],
+            )
         self._queued += 1
         self._writes.append((self._queued, session_id, kind, a, b))
         self._wake.set()
@@ -444,12 +458,15 @@ class RedisBroker:
                             args += ops[i][1:]
                             i += 1
                         if kind == _APPEND:
-                            head = [self.outbox_size, self.outbox_max_bytes]
+                            head: list[Any] = [
+                                self.outbox_size,
+                                self.outbox_max_bytes,
+                                self.instance,
+                            ]
                             s["APPEND"](keys[:2], head + args, client=pipe)
                         else:
-                            s["REMEMBER"](
-                                [keys[0], keys[2], keys[3]], [self.dedupe_size, *args], client=pipe
-                            )
+                            head = [self.dedupe_size, self.instance]
+                            s["REMEMBER"]([keys[0], keys[2], keys[3]], head + args, client=pipe)
                         continue
                     _, a, _b = ops[i]
                     i += 1
@@ -459,9 +476,9 @@ class RedisBroker:
                     elif kind == _DETACH:
                         s["DETACH"](keys, [self.instance, a], client=pipe)
                     elif kind == _ATTACH:
-                        s["ATTACH"](
-                            keys, [self.instance, int(self.session_lease * 1000)], client=pipe
-                        )
+                        lease = int(self.session_lease * 1000)
+                        told = self._control_channel("")
+                        s["ATTACH"](keys, [self.instance, lease, a, told, session_id], client=pipe)
                     else:
                         pipe.delete(keys)
 
@@ -521,12 +538,12 @@ class RedisBroker:
         self._detached[session_id] = expiry
         self._write(session_id, _DETACH, expiry)
 
-    def attach_session(self, session_id: str) -> None:
+    def attach_session(self, session_id: str, last_seq: int) -> None:
         self._detached.pop(session_id, None)
         self._attached.add(session_id)
         if session_id not in self._logs:  # resumed here from another instance
             self._logs[session_id] = _SessionLog(self, session_id)
-        self._write(session_id, _ATTACH)
+        self._write(session_id, _ATTACH, last_seq)
 
     def drop_session(self, session_id: str) -> None:
         self._logs.pop(session_id, None)
@@ -564,6 +581,76 @@ class RedisBroker:
         except BackchannelError:
             return b"", digest
         return (bytes(frame) if frame else b""), digest
+
+    # ------------------------------------------------------- control messages
+
+    def on_control(self, listener: ControlListener) -> None:
+        self._control = listener
+
+    def tell(self, instance: str | None, message: dict[str, Any]) -> None:
+        """Queue a control message for the teller (sync: ``app.send`` may call it)."""
+        if len(self._tells) >= self.max_buffered_writes:
+            self._tells.popleft()
+            self._count_loudly(
+                "control_dropped",
+                "redis broker control buffer full (%d): dropped a control message",
+                self.max_buffered_writes,
+            )
+        self._tells.append((instance, orjson.dumps({**message, "from": self.instance})))
+        if self._started:
+            self._told.set()
+
+    async def _teller(self) -> None:
+        """Forever: publish queued control messages in order, pipelined.
+
+        At most once (PUBLISH is not idempotent, so a batch cut by a lost connection
+        is counted, not sent again); a message for an instance nobody listens for
+        (it died) is counted and logged.
+        """
+        tells = self._tells
+        while True:
+            if not tells:
+                await self._told.wait()
+                self._told = anyio.Event()
+                continue
+            if not self._ready:
+                await self._up.wait()
+            batch = [tells.popleft() for _ in range(min(len(tells), _BATCH))]
+            try:
+                with anyio.fail_after(self.timeout * 2):
+                    async with self._redis.pipeline(
+                        transaction=False, timeout=self.timeout
+                    ) as pipe:
+                        sent = [pipe.publish(self._control_channel(to), data) for to, data in batch]
+                    received = [await reply for reply in sent]
+            except _UNREACHABLE as exc:
+                self._count("control_lost", len(batch))
+                self._set_ready(False, f"control publish failed: {type(exc).__name__}: {exc}")
+                log.warning("redis broker lost %d control messages: %s", len(batch), exc)
+                continue
+            for (to, _), n in zip(batch, received, strict=True):
+                if to is not None and not n:
+                    self._count_loudly(
+                        "control_unreached",
+                        "control message for instance %s reached no process (is it gone?)",
+                        to,
+                    )
+
+    def _on_control(self, data: bytes) -> None:
+        message = orjson.loads(data)
+        if message.get("from") == self.instance:
+            return  # this instance's own broadcast: the kernel delivered it here already
+        if message.get("op") == "takeover":  # resumed elsewhere: stop holding it here
+            session_id = message["session"]
+            self._logs.pop(session_id, None)
+            self._attached.discard(session_id)
+            self._detached.pop(session_id, None)
+        if self._control is not None:
+            try:
+                self._control(message)
+            except Exception:
+                self._count("control_errors")
+                log.exception("control message handler failed op=%s", message.get("op"))
 
     # ------------------------------------------------------------------ rooms
 
@@ -671,6 +758,9 @@ class RedisBroker:
                     channels: set[str] = set()
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._pump, pubsub)
+                        control = [self._control_channel(i) for i in (self.instance, None)]
+                        await pubsub.subscribe(*control)
+                        channels.update(control)
                         for state in list(self._rooms.values()):
                             await self._establish(pubsub, channels, state)
                         delay = self.reconnect_min_delay
@@ -716,15 +806,26 @@ class RedisBroker:
                 channels.discard(channel)
                 await pubsub.unsubscribe(channel)
         elif value["type"] == "subscribe":  # confirmed (again): fill what was missed
-            state = self._rooms.get(_text(value["channel"])[len(self.prefix) + 3 :])
+            state = self._room_of(value["channel"])
             if state is not None and state.last is not None:
                 await self._catch_up(state)
         elif value["type"] == "message":
-            state = self._rooms.get(_text(value["channel"])[len(self.prefix) + 3 :])
+            channel = _text(value["channel"])
+            if not channel.startswith(self._room_channels):
+                self._on_control(bytes(value["data"]))
+                return
+            state = self._room_of(channel)
             if state is None or state.last is None:
                 return  # published before this subscription
             head, epoch, publish_id, body = bytes(value["data"]).split(b" ", 3)
             await self._deliver(state, int(head), _text(epoch), _text(publish_id), body)
+
+    def _room_of(self, channel: bytes | str) -> _Room | None:
+        """The subscribed room whose pub/sub channel is ``channel`` (None for others)."""
+        name = _text(channel)
+        if not name.startswith(self._room_channels):
+            return None
+        return self._rooms.get(name[len(self._room_channels) :])
 
     async def _catch_up(self, state: _Room) -> None:
         """Deliver what the room's stream holds after ``state.last``."""

@@ -151,14 +151,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-#: KEYS: meta, outbox. ARGV: max frames, max bytes, (seq, frame)...
-#: Idempotent: a frame at or below the last seq is skipped (a retried flush).
+#: KEYS: meta, outbox. ARGV: max frames, max bytes, owner, (seq, frame)...
+#: Idempotent: a frame at or below the last seq is skipped (a retried flush). Only the
+#: instance holding the session writes (one that lost it to a takeover writes nothing).
 APPEND = (
     """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[3] then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'l') or '0')
 local bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   if seq > last then
     if seq ~= last + 1 then
@@ -185,11 +186,11 @@ return last
 """
 )
 
-#: KEYS: meta, answers, order. ARGV: most answers, (request id, "ms:seq:digest")...
+#: KEYS: meta, answers, order. ARGV: most answers, owner, (request id, "ms:seq:digest")...
 REMEMBER = (
     """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 2, #ARGV, 2 do
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[2] then return 0 end
+for i = 3, #ARGV, 2 do
   if redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('RPUSH', KEYS[3], ARGV[i])
   end
@@ -237,11 +238,29 @@ for i = 1, #KEYS do redis.call('PEXPIREAT', KEYS[i], ARGV[2]) end
 return 1
 """
 
-#: KEYS: meta, outbox, answers, order. ARGV: owner, lease (ms). This instance holds it now.
+#: KEYS: meta, outbox, answers, order. ARGV: owner, lease (ms), last seq, control channel
+#: prefix, session id. This instance holds it now, from ``last seq``: frames the previous
+#: holder added after this one read the session (neither it nor its client saw them) are
+#: dropped, so seqs stay unique; the previous holder, if another instance, is told (in the
+#: same atomic step, so it can write nothing after) to let go of it.
 ATTACH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local previous = redis.call('HGET', KEYS[1], 'o')
+local last = tonumber(redis.call('HGET', KEYS[1], 'l') or '0')
+local seq = tonumber(ARGV[3])
+if last > seq then
+  local bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
+  for _ = 1, math.min(last - seq, redis.call('LLEN', KEYS[2])) do
+    bytes = bytes - #redis.call('RPOP', KEYS[2])
+  end
+  redis.call('HSET', KEYS[1], 'l', string.format('%d', seq), 'b', bytes)
+end
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+if previous and previous ~= ARGV[1] then
+  local told = cjson.encode({op = 'takeover', session = ARGV[5], from = ARGV[1]})
+  redis.call('PUBLISH', ARGV[4] .. previous, told)
+end
 return 1
 """
 

@@ -423,3 +423,131 @@ async def test_room_messages_published_while_redis_was_away_arrive_after_in_orde
             assert (await recv(far))["content"] == live["content"]
             assert broker(cut_off).counters.get("subscriber_reconnects", 0) >= 1
         tg.cancel_scope.cancel()
+
+
+# ------------------------------------------- send, broadcast, takeover across instances
+
+
+async def frames_before_pong(sock: Any, ident: str) -> list[dict[str, Any]]:
+    """Every frame the client got before the answer to a ping sent now (a barrier)."""
+    await send(sock, ident, "ping", {})
+    _, before = await answer(sock, ident)
+    return before
+
+
+async def test_send_reaches_a_connection_held_by_another_instance(redis: dict[str, str]) -> None:
+    """``app.send`` on instance 1 to a connection of instance 2 arrives once, numbered in
+    its session; an id of a gone connection or instance is counted, never raised."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), ws(two) as client:
+        await request(client, "i1", "init", {})
+        (conn,) = two.connections()
+        assert conn.id.startswith(f"c-{two.broker.instance}.")
+        assert one.send(conn.id, "system", {"event": "hello", "from": "one"}) is True
+        with anyio.fail_after(BOUND):
+            frame = await recv(client)
+        assert frame["type"] == "system" and frame["content"]["from"] == "one", frame
+        assert frame["seq"] == conn.session.seq
+        assert not [f for f in await frames_before_pong(client, "p1") if f["type"] == "system"]
+        assert two.metrics()["broker"]["control"] == {"send": 1}
+
+        gone = f"c-{two.broker.instance}.000000000000"
+        assert one.send(gone, "system", {"event": "x"}) is True  # handed to instance 2
+        await until(lambda: two.hub.control.get("send_unknown_connection") == 1, "not counted")
+        dead = "c-0123456789ab.000000000000"  # an instance nobody runs
+        assert one.send(dead, "system", {"event": "x"}) is True
+        await until(
+            lambda: broker(one).counters.get("control_unreached") == 1, "unreached not counted"
+        )
+        assert one.send("not-a-connection-id", "system", {}) is False
+        assert one.metrics()["broker"]["events"]["control_unreached"] == 1
+
+
+async def test_broadcast_reaches_every_connection_of_every_instance_once(
+    redis: dict[str, str],
+) -> None:
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), AsyncExitStack() as stack:
+        socks = [await stack.enter_async_context(ws(app)) for app in (one, two, two)]
+        for i, sock in enumerate(socks):
+            await request(sock, f"i{i}", "init", {})
+        assert one.broadcast("system", {"event": "maintenance", "at": "soon"}) == 1
+        for i, sock in enumerate(socks):
+            with anyio.fail_after(BOUND):
+                frame = await recv(sock)
+            assert frame["type"] == "system" and frame["content"]["event"] == "maintenance"
+            later = await frames_before_pong(sock, f"p{i}")
+            assert [f for f in later if f["type"] == "system"] == [], "delivered twice"
+
+
+async def test_resume_on_another_instance_takes_the_session_over(redis: dict[str, str]) -> None:
+    """A client resumes on instance 2 while its old connection on instance 1 still looks
+    alive (a half-open socket): instance 1 closes that one 4009 and lets go of the
+    session, so only instance 2 numbers its frames from then on."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), ws(one) as old:
+        init = (await request(old, "i1", "init", {}))["content"]
+        await request(old, "j1", "join", {"room": "lobby"})
+        session = init["sessionId"]
+        last_seq = one.hub.sessions[session].seq
+        await until(lambda: broker(one)._flushed >= broker(one)._queued, "never flushed")
+        async with ws(two) as new:
+            resume = {"sessionId": session, "lastSeq": last_seq, "epoch": init["epoch"]}
+            resumed = await request(new, "i2", "init", resume)
+            assert resumed["content"]["resumed"] is True, resumed
+            with anyio.fail_after(BOUND):
+                code = None
+                try:
+                    while True:
+                        await old.recv()
+                except Exception:
+                    rcvd = old.protocol.close_rcvd
+                    code = rcvd.code if rcvd is not None else None
+            assert code == 4009
+            await until(lambda: session not in one.hub.sessions, "instance 1 still holds it")
+            assert session not in broker(one)._logs
+            assert one.hub.control == {"takeover": 1}
+            reply = await request(new, "t1", "text", {"room": "lobby", "text": "after"})
+            assert reply["seq"] == resumed["seq"] + 1
+            record = await broker(two).find_session(session)
+            assert record is not None and record.last_seq >= reply["seq"]
+
+
+async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[str, str]) -> None:
+    """Frames the old holder adds after the new one read the session are dropped when the
+    new one attaches, and nothing the old holder writes afterwards lands: seqs stay unique."""
+    url, prefix = redis["url"], redis["key_prefix"]
+    old, new = RedisBroker(url=url, key_prefix=prefix), RedisBroker(url=url, key_prefix=prefix)
+    told: list[dict[str, Any]] = []
+    old.on_control(told.append)
+    await old.start()
+    await new.start()
+    try:
+        log = old.open_session("s-held", "alice")
+        for seq in (1, 2, 3):
+            log.append(seq, f"frame {seq}".encode())
+        await old._barrier()
+        record = await new.find_session("s-held")
+        assert record is not None and record.last_seq == 3
+        log.append(4, b"frame 4 (old holder, after the read)")
+        log.remember("r-old", 4, 7)
+        await old._barrier()
+        new.attach_session("s-held", 3)
+        await new._barrier()
+        await until(
+            lambda: told == [{"op": "takeover", "session": "s-held", "from": new.instance}],
+            "the old holder was not told",
+        )
+        log.append(5, b"frame 5 (old holder, after the takeover)")
+        await old._barrier()
+        record = await new.find_session("s-held")
+        assert record is not None and record.last_seq == 3
+        assert await record.log.since(0) == [b"frame 1", b"frame 2", b"frame 3"]
+        new_log = record.log
+        new_log.append(4, b"frame 4 (new holder)")
+        await new._barrier()
+        assert await new_log.since(3) == [b"frame 4 (new holder)"]
+        assert "s-held" not in old._logs
+    finally:
+        await new.stop()
+        await old.stop()
