@@ -350,6 +350,25 @@ async def test_publish_gives_each_room_offsets_from_one_in_one_epoch(broker: Bro
     assert (offset, epoch) == (3, first["epoch"])
 
 
+async def test_a_retried_publish_returns_the_first_and_posts_nothing(broker: Broker) -> None:
+    """The same dedupe key (session and request id) while the first publish is in the
+    history: the first's stored message back, no new offset, no listener call."""
+    heard = Collector()
+    broker.subscribe("lobby", heard)
+    first = await publish(broker, "lobby", "hi", dedupe="s-1:r1")
+    again = await publish(broker, "lobby", "hi", dedupe="s-1:r1")
+    assert again == first and again["offset"] == 1
+    other = await publish(broker, "lobby", "hi", dedupe="s-2:r1")  # another session's r1
+    assert other["offset"] == 2
+    _, offset, _ = await broker.room_since("lobby", 0, "")
+    assert offset == 2
+    for n in range(3):  # push the first out of a two-message history
+        await publish(broker, "lobby", f"filler {n}", history_size=2)
+    later = await publish(broker, "lobby", "hi", dedupe="s-1:r1", history_size=2)
+    assert later["offset"] == 6  # out of the history: a new publish
+    assert [m["offset"] for m in await heard.wait_for(6)] == [1, 2, 3, 4, 5, 6]
+
+
 async def test_listeners_get_every_message_once_in_offset_order(broker: Broker) -> None:
     one, two = Collector(), Collector()
     broker.subscribe("lobby", one)

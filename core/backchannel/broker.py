@@ -121,7 +121,13 @@ class Broker(Protocol):
     # rooms ------------------------------------------------------------------
 
     async def publish(
-        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+        self,
+        room: str,
+        message: dict[str, Any],
+        *,
+        history_size: int,
+        history_ttl: float,
+        dedupe: str | None = None,
     ) -> dict[str, Any]:
         """Give ``message`` the room's next offset and epoch, keep it, fan it out.
 
@@ -129,6 +135,12 @@ class Broker(Protocol):
         ``epoch``). History keeps at most ``history_size`` messages no older than
         ``history_ttl`` seconds. Every listener subscribed to ``room``, in any
         process, is called with it, in offset order.
+
+        ``dedupe`` names the request that publishes (session and request id): a
+        second publish with the same key while the first is in the history returns
+        the first's stored message and publishes nothing, so a retry on another
+        process, after the one that published died before remembering its answer,
+        does not post the message twice.
         """
 
     async def room_since(

@@ -111,7 +111,10 @@ class _Room:
     offset: int = 0
     size: int = 1000
     ttl: float = 3600.0
-    history: deque[tuple[float, dict[str, Any]]] = field(default_factory=deque)
+    #: (when, stored message, dedupe key or None)
+    history: deque[tuple[float, dict[str, Any], str | None]] = field(default_factory=deque)
+    #: stored messages in the history by dedupe key (the publishing request)
+    published: dict[str, dict[str, Any]] = field(default_factory=dict)
     listeners: list[RoomListener] = field(default_factory=list)
 
 
@@ -217,16 +220,30 @@ class MemoryBroker:
         history = state.history
         horizon = _monotonic() - state.ttl
         while history and (len(history) > state.size or history[0][0] < horizon):
-            history.popleft()
+            key = history.popleft()[2]
+            if key is not None:
+                state.published.pop(key, None)
 
     async def publish(
-        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+        self,
+        room: str,
+        message: dict[str, Any],
+        *,
+        history_size: int,
+        history_ttl: float,
+        dedupe: str | None = None,
     ) -> dict[str, Any]:
         state = self._room(room)
+        if dedupe is not None:
+            earlier = state.published.get(dedupe)
+            if earlier is not None:  # a retry of a publish still in the history
+                return earlier
         state.size, state.ttl = history_size, history_ttl
         state.offset += 1
         stored = {**message, "room": room, "offset": state.offset, "epoch": state.epoch}
-        state.history.append((_monotonic(), stored))
+        state.history.append((_monotonic(), stored, dedupe))
+        if dedupe is not None:
+            state.published[dedupe] = stored
         self._trim(state)
         for listener in list(state.listeners):
             try:
@@ -247,7 +264,7 @@ class MemoryBroker:
         history = state.history
         if not history or history[0][1]["offset"] > offset + 1:
             return None, state.offset, state.epoch
-        return [m for _, m in history if m["offset"] > offset], state.offset, state.epoch
+        return [m for _, m, _ in history if m["offset"] > offset], state.offset, state.epoch
 
     def subscribe(self, room: str, listener: RoomListener) -> None:
         listeners = self._room(room).listeners

@@ -212,7 +212,7 @@ class RedisBroker:
 
     def _room_keys(self, room: str) -> list[str]:
         base = f"{self.prefix}:r:{{{room}}}"
-        return [f"{base}:m", f"{base}:l"]
+        return [f"{base}:m", f"{base}:l", f"{base}:d"]
 
     def _presence_keys(self, room: str) -> list[str]:
         base = f"{self.prefix}:p:{{{room}}}"
@@ -663,7 +663,13 @@ class RedisBroker:
                 await state.based.wait()
 
     async def publish(
-        self, room: str, message: dict[str, Any], *, history_size: int, history_ttl: float
+        self,
+        room: str,
+        message: dict[str, Any],
+        *,
+        history_size: int,
+        history_ttl: float,
+        dedupe: str | None = None,
     ) -> dict[str, Any]:
         """Store and fan out; returns once this instance's listeners got the message, so
         the sender's reply follows every earlier message of the room (offset order)."""
@@ -676,7 +682,7 @@ class RedisBroker:
             waiter = state.waiting[publish_id] = _Waiter()
         keep = int(max(self.room_ttl, history_ttl) * 1000)
         try:
-            offset, epoch = await self._call(
+            reply = await self._call(
                 self._s["PUBLISH"](
                     self._room_keys(room),
                     [
@@ -687,10 +693,16 @@ class RedisBroker:
                         int(history_ttl * 1000),
                         keep,
                         publish_id,
+                        dedupe or "",
                     ],
                 )
             )
-            if waiter is not None:
+            offset, epoch = reply[0], reply[1]
+            if len(reply) > 2:  # a retry of a publish: nothing was published now
+                self._count("publish_retried")
+                if reply[2] is not None:
+                    message = orjson.loads(reply[2])
+            elif waiter is not None:
                 with anyio.move_on_after(self.timeout * 2):
                     await waiter.dispatched.wait()
                 if not waiter.dispatched.is_set():

@@ -44,8 +44,10 @@ return e
 
 # ------------------------------------------------------------------- rooms
 
-#: KEYS: meta, log. ARGV: channel, body, candidate epoch, history size, history ttl (ms),
-#: keep (ms), publish id. Next offset; store, trim, fan out. Returns {offset, epoch}.
+#: KEYS: meta, log, dedupe (offsets by request, within the history). ARGV: channel, body,
+#: candidate epoch, history size, history ttl (ms), keep (ms), publish id, dedupe key or "".
+#: Next offset; store, trim, fan out. Returns {offset, epoch}, or for a retry of a publish
+#: still in the history {its offset, epoch, its body} (body nil if the stream lost it).
 PUBLISH = (
     """
 local ep = redis.call('HGET', KEYS[1], 'epoch')
@@ -54,7 +56,16 @@ if not ep or (off > 0 and redis.call('EXISTS', KEYS[2]) == 0) then
   -- the room is new, or its history was lost: a new epoch, offsets from 1 again
   ep = ARGV[3]
   off = 0
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
+elseif ARGV[8] ~= '' then
+  local seen = redis.call('ZSCORE', KEYS[3], ARGV[8])
+  if seen then  -- a retry of a publish: answer with the first one, publish nothing
+    local want = tonumber(seen)
+    for _, entry in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', off - want + 1)) do
+      if tonumber(entry[2][2]) == want then return {want, ep, entry[2][6]} end
+    end
+    return {want, ep, false}
+  end
 end
 off = off + 1
 local size = tonumber(ARGV[4])
@@ -68,6 +79,11 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, '*', 'o', o, 'p', ARGV[7], 'b',
 redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', now - ttl))
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[3], off, ARGV[8])
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - size)
 redis.call('PUBLISH', ARGV[1], o .. ' ' .. ep .. ' ' .. ARGV[7] .. ' ' .. ARGV[2])
 return {off, ep}
 """

@@ -149,6 +149,7 @@ class Plugin:
             {"from": session.principal_id, "text": message.content["text"], "session": session.id},
             history_size=self.history_size,
             history_ttl=self.history_ttl,
+            dedupe=f"{session.id}:{message.id}",
         )
         return _public(stored)
 
