@@ -252,8 +252,9 @@ def session_resumed(session: Session, connection: Connection) -> None:
 
 @hookspec
 def session_expired(session: Session) -> None:
-    """Observer, sync only: ``session`` outlived ``session.ttl`` without a connection
-    and is gone; release what it held (room memberships, ...)."""
+    """Observer, sync only: ``session`` is gone from this process: it outlived
+    ``session.ttl`` without a connection, or another process sharing the broker
+    resumed it (took it over); release what it held here (room memberships, ...)."""
 
 
 @hookspec

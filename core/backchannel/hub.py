@@ -488,8 +488,12 @@ class Connection:
         try:
             await self.app.hooks.notify_async("disconnect", connection=self, code=code)
         finally:
-            self.hub.remove(self)
+            hub = self.hub
+            hub.remove(self)
             self.app.hooks.notify("connection_removed", connection=self, code=code)
+            if self.session.id in hub.released:  # taken over by another process
+                hub.released.discard(self.session.id)
+                self.app.hooks.notify("session_expired", session=self.session)
 
     def _detach(self) -> None:
         session = self.session
@@ -762,6 +766,8 @@ class Hub:
         self.admitting = 0
         #: control messages from other processes handled here, by op
         self.control: dict[str, int] = {}
+        #: sessions taken over by another process whose connection here is closing
+        self.released: set[str] = set()
 
     @property
     def active(self) -> int:
@@ -812,12 +818,18 @@ class Hub:
 
     def take_over(self, session_id: str) -> None:
         """Another process resumed session ``session_id``: forget it here and close the
-        connection still holding it (4009), so two processes never number its frames."""
+        connection still holding it (4009), so two processes never number its frames.
+
+        ``session_expired`` observers release what the session held here (room
+        memberships) once that connection's ``disconnect`` hooks ran."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             return
         conn, session.connection = session.connection, None
-        if conn is not None:
+        if conn is None or conn._left:
+            self.app.hooks.notify("session_expired", session=session)
+        else:
+            self.released.add(session_id)
             conn.close(CloseCode.SESSION_TAKEN, "session resumed on another instance")
 
     def count_control(self, name: str) -> None:

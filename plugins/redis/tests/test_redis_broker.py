@@ -507,10 +507,53 @@ async def test_resume_on_another_instance_takes_the_session_over(redis: dict[str
             await until(lambda: session not in one.hub.sessions, "instance 1 still holds it")
             assert session not in broker(one)._logs
             assert one.hub.control == {"takeover": 1}
+            # instance 1 released what the session held: its membership and presence
+            await until(lambda: not rooms(one).joined, "instance 1 still has it in rooms")
+            assert "lobby" not in broker(one)._rooms
+            rejoined = await request(new, "j2", "join", {"room": "lobby"})
+            assert rejoined["content"]["members"] == [init["principal"]], rejoined
             reply = await request(new, "t1", "text", {"room": "lobby", "text": "after"})
-            assert reply["seq"] == resumed["seq"] + 1
+            assert reply["seq"] == rejoined["seq"] + 1
             record = await broker(two).find_session(session)
             assert record is not None and record.last_seq >= reply["seq"]
+
+        async def nobody() -> bool:
+            return await broker(one).presence("lobby") == []
+
+        await until(nobody, "a member is still present (instance 1 kept its entry)")
+
+
+def rooms(app: App) -> Any:
+    return app.pm.get_plugin("rooms")
+
+
+async def test_a_session_resumed_elsewhere_is_released_by_the_instance_it_left(
+    redis: dict[str, str],
+) -> None:
+    """The common case: the client's connection to instance 1 dropped (session detached
+    there, room membership kept for a resume); it resumes on instance 2. Instance 1
+    lets go at once: no membership, no room subscription, no more frames from it."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two):
+        async with ws(one) as first:
+            init = (await request(first, "i1", "init", {}))["content"]
+            joined = await request(first, "j1", "join", {"room": "lobby"})
+        session = init["sessionId"]
+        await until(lambda: session in broker(one)._detached, "instance 1 never detached it")
+        assert rooms(one).joined == {session: {"lobby"}}
+        async with ws(two) as again:
+            resume = {"sessionId": session, "lastSeq": joined["seq"], "epoch": init["epoch"]}
+            resumed = await request(again, "i2", "init", resume)
+            assert resumed["content"]["resumed"] is True, resumed
+            await until(lambda: not rooms(one).joined, "instance 1 kept the membership")
+            assert "lobby" not in broker(one)._rooms and session not in broker(one)._logs
+            await request(again, "j2", "join", {"room": "lobby"})
+            async with ws(one) as other:  # a message published on instance 1
+                await request(other, "oj", "join", {"room": "lobby"})
+                sent = await request(other, "ot", "text", {"room": "lobby", "text": "hi"})
+            frame = await recv(again)
+            assert frame["content"]["offset"] == sent["content"]["offset"]
+            assert frame["seq"] == resumed["seq"] + 2  # numbered by instance 2 only
 
 
 async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[str, str]) -> None:
