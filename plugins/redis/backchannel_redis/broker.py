@@ -51,6 +51,8 @@ _UNREACHABLE = (RedisConnectionError, TimeoutError, OSError)
 _CATCH_UP_MAX = 10_000
 #: most buffered writes one flush sends
 _BATCH = 1024
+#: most sessions one APPEND call writes to (bounds the time Redis spends in one script)
+_APPEND_SESSIONS = 256
 
 _OPEN, _APPEND, _REMEMBER, _DETACH, _ATTACH, _DROP = range(6)
 
@@ -442,45 +444,53 @@ class RedisBroker:
             done.set()
 
     async def _send(self, batch: list[tuple[int, str, int, Any, Any]]) -> None:
-        by_session: dict[str, list[tuple[int, Any, Any]]] = {}
+        """One pipeline for a batch: each session's writes as runs of one kind, in order.
+
+        The n-th runs of all sessions go out together, so each session's order holds
+        while the frames of many sessions travel in one ``APPEND`` call (a room message
+        fans out to every member session: one call, not one per member).
+        """
+        runs: dict[str, list[tuple[int, list[Any]]]] = {}
         for _, session_id, kind, a, b in batch:
-            by_session.setdefault(session_id, []).append((kind, a, b))
+            session_runs = runs.setdefault(session_id, [])
+            if kind in (_APPEND, _REMEMBER) and session_runs and session_runs[-1][0] == kind:
+                session_runs[-1][1].extend((a, b))
+            else:
+                session_runs.append((kind, [a, b]))
         s = self._s
+        lease = int(self.session_lease * 1000)
         async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-            for session_id, ops in by_session.items():
-                keys = self._session_keys(session_id)
-                i = 0
-                while i < len(ops):
-                    kind = ops[i][0]
-                    if kind in (_APPEND, _REMEMBER):  # one call for a run of the same kind
-                        args: list[Any] = []
-                        while i < len(ops) and ops[i][0] == kind:
-                            args += ops[i][1:]
-                            i += 1
-                        if kind == _APPEND:
-                            head: list[Any] = [
-                                self.outbox_size,
-                                self.outbox_max_bytes,
-                                self.instance,
-                            ]
-                            s["APPEND"](keys[:2], head + args, client=pipe)
-                        else:
-                            head = [self.dedupe_size, self.instance]
-                            s["REMEMBER"]([keys[0], keys[2], keys[3]], head + args, client=pipe)
+            for n in range(max(map(len, runs.values()), default=0)):
+                keys: list[str] = []
+                args: list[Any] = [self.outbox_size, self.outbox_max_bytes, self.instance]
+                for session_id, session_runs in runs.items():
+                    if n >= len(session_runs):
                         continue
-                    _, a, _b = ops[i]
-                    i += 1
-                    if kind == _OPEN:
-                        lease = int(self.session_lease * 1000)
-                        s["OPEN"](keys, [a, self.instance, lease], client=pipe)
+                    kind, values = session_runs[n]
+                    session_keys = self._session_keys(session_id)
+                    if kind == _APPEND:
+                        keys += session_keys[:2]
+                        args.append(len(values) // 2)
+                        args += values
+                        if len(keys) >= 2 * _APPEND_SESSIONS:
+                            s["APPEND"](keys, args, client=pipe)
+                            keys, args = [], args[:3]
+                    elif kind == _REMEMBER:
+                        meta, _, answers, order = session_keys
+                        head: list[Any] = [self.dedupe_size, self.instance]
+                        s["REMEMBER"]([meta, answers, order], head + values, client=pipe)
+                    elif kind == _OPEN:
+                        s["OPEN"](session_keys, [values[0], self.instance, lease], client=pipe)
                     elif kind == _DETACH:
-                        s["DETACH"](keys, [self.instance, a], client=pipe)
+                        s["DETACH"](session_keys, [self.instance, values[0]], client=pipe)
                     elif kind == _ATTACH:
-                        lease = int(self.session_lease * 1000)
                         told = self._control_channel("")
-                        s["ATTACH"](keys, [self.instance, lease, a, told, session_id], client=pipe)
+                        attach: list[Any] = [self.instance, lease, values[0], told, session_id]
+                        s["ATTACH"](session_keys, attach, client=pipe)
                     else:
-                        pipe.delete(keys)
+                        pipe.delete(session_keys)
+                if keys:
+                    s["APPEND"](keys, args, client=pipe)
 
     async def _for_each(
         self, script: str, items: list[str], keys_of: Callable[[str], list[str]], args: list[Any]

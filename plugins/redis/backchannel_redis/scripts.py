@@ -167,40 +167,52 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-#: KEYS: meta, outbox. ARGV: max frames, max bytes, owner, (seq, frame)...
-#: Idempotent: a frame at or below the last seq is skipped (a retried flush). Only the
-#: instance holding the session writes (one that lost it to a takeover writes nothing).
-APPEND = (
-    """
-if redis.call('HGET', KEYS[1], 'o') ~= ARGV[3] then return 0 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'l') or '0')
-local bytes = tonumber(redis.call('HGET', KEYS[1], 'b') or '0')
-for i = 4, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  if seq > last then
-    if seq ~= last + 1 then
-      redis.call('DEL', KEYS[2])
-      bytes = 0
+#: KEYS: (meta, outbox) of each session. ARGV: max frames, max bytes, owner, then for each
+#: session its frame count and (seq, frame) pairs. The flusher sends the frames of many
+#: sessions in one call (a room message fans out to every member's outbox), so the
+#: per-session work is three commands per frame. Idempotent: a frame at or below the last
+#: seq is skipped (a retried flush). Only the holder writes (an instance that lost the
+#: session to a takeover writes nothing). Returns how many sessions took frames.
+APPEND = """
+local maxf, maxb, owner = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local a, done = 4, 0
+for k = 1, #KEYS, 2 do
+  local meta, box = KEYS[k], KEYS[k + 1]
+  local first = a + 1
+  a = first + 2 * tonumber(ARGV[a])
+  local m = redis.call('HMGET', meta, 'o', 'l', 'b')
+  if m[1] == owner then
+    local last, bytes = tonumber(m[2] or '0'), tonumber(m[3] or '0')
+    local n, fresh = -1, false
+    for i = first, a - 1, 2 do
+      local seq = tonumber(ARGV[i])
+      if seq > last then
+        if seq ~= last + 1 then
+          redis.call('DEL', box)
+          bytes = 0
+        end
+        n = redis.call('RPUSH', box, ARGV[i + 1])
+        fresh = fresh or n == 1  -- the list was made now: it needs the session's ttl
+        bytes = bytes + #ARGV[i + 1]
+        last = seq
+      end
     end
-    redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-    bytes = bytes + #ARGV[i + 1]
-    last = seq
+    if n >= 0 then
+      while n > 0 and (n > maxf or bytes > maxb) do
+        bytes = bytes - #redis.call('LPOP', box)
+        n = n - 1
+      end
+      redis.call('HSET', meta, 'l', string.format('%d', last), 'b', bytes)
+      if fresh then
+        local ttl = redis.call('PTTL', meta)
+        if ttl > 0 then redis.call('PEXPIRE', box, ttl) end
+      end
+      done = done + 1
+    end
   end
 end
-local n = redis.call('LLEN', KEYS[2])
-local maxf = tonumber(ARGV[1])
-local maxb = tonumber(ARGV[2])
-while n > 0 and (n > maxf or bytes > maxb) do
-  bytes = bytes - #redis.call('LPOP', KEYS[2])
-  n = n - 1
-end
-redis.call('HSET', KEYS[1], 'l', string.format('%d', last), 'b', bytes)
+return done
 """
-    + _COPY_TTL
-    + """
-return last
-"""
-)
 
 #: KEYS: meta, answers, order. ARGV: most answers, owner, (request id, "ms:seq:digest")...
 REMEMBER = (
