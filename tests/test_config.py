@@ -162,7 +162,7 @@ def test_unknown_key_names_its_dotted_path_and_the_allowed_keys(tmp_path: Path) 
         "bogus: unknown key (allowed: auth, connection, heartbeat, log, message, plugins, "
         "server, session, shutdown)",
         "server.prot: unknown key (allowed: backend, compression, demo, handshake_timeout, host, "
-        "max_connections, max_message_size, origins, path, port, uvloop)",
+        "max_connections, max_message_size, origins, path, port, uvloop, workers)",
     ]
 
 

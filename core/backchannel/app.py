@@ -379,10 +379,13 @@ class App:
         )
 
     @asynccontextmanager
-    async def run(self, host: str | None = None, port: int | None = None) -> AsyncIterator[App]:
+    async def run(
+        self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False
+    ) -> AsyncIterator[App]:
         """Serve inside ``async with``; on exit, shut down gracefully.
 
-        ``app.port`` holds the bound port (useful with ``port=0``).
+        ``app.port`` holds the bound port (useful with ``port=0``). ``reuse_port``: listen with
+        SO_REUSEPORT, so several processes share the port (``backchannel serve --workers N``).
         """
         server_cfg = self.config["server"]
         host = server_cfg["host"] if host is None else host
@@ -395,7 +398,9 @@ class App:
             nonlocal asyncio_server, runtime
             options = self._server_options()
             if sniffio.current_async_library() == "asyncio":
-                asyncio_server, runtime = await serve_asyncio(options, host, port)
+                asyncio_server, runtime = await serve_asyncio(
+                    options, host, port, reuse_port=reuse_port
+                )
                 self.port = asyncio_server.sockets[0].getsockname()[1]
             else:
                 bound = anyio.Event()
@@ -406,7 +411,9 @@ class App:
 
                 async def serve() -> None:
                     with listen_scope:
-                        await serve_anyio(options, host, port, tg, started=started)
+                        await serve_anyio(
+                            options, host, port, tg, started=started, reuse_port=reuse_port
+                        )
 
                 tg.start_soon(serve)
                 await bound.wait()
@@ -476,9 +483,11 @@ class App:
             while self.hub.connections:
                 await anyio.sleep(0.01)
 
-    async def serve_forever(self, host: str | None = None, port: int | None = None) -> None:
+    async def serve_forever(
+        self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False
+    ) -> None:
         """Serve until :meth:`stop` (or SIGINT/SIGTERM when run from the CLI)."""
-        async with self.run(host, port):
+        async with self.run(host, port, reuse_port=reuse_port):
             assert self._stop is not None
             await self._stop.wait()
 

@@ -6,9 +6,15 @@ import argparse
 import inspect
 import json
 import logging
+import os
+import select
 import signal
+import socket
+import subprocess
 import sys
-from typing import Any
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pluggy
@@ -17,12 +23,19 @@ from . import config as config_mod
 from . import hookspecs, plugins
 from .errors import StartupError
 
+if TYPE_CHECKING:
+    from .app import App
+
 __all__ = ["main"]
+
+#: a worker dying this many times within RESTART_WINDOW seconds makes the supervisor give up
+MAX_DEATHS = 5
+RESTART_WINDOW = 10.0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     server: dict[str, Any] = {}
-    for key in ("host", "port", "backend"):
+    for key in ("host", "port", "backend", "workers"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -50,20 +63,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"backchannel: {exc}", file=sys.stderr)
         return 2
+    if cfg["server"]["workers"] > 1:
+        refusal = _cannot_supervise(app)
+        if refusal is not None:
+            print(f"backchannel: {refusal}", file=sys.stderr)
+            return 2
+        return _supervise(args, cfg)
+    supervisor: int | None = getattr(args, "worker_of", None)  # set in _supervise's workers
+    log = logging.getLogger("backchannel.app")
 
     async def main() -> None:
         async def stop_on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
-                    logging.getLogger("backchannel.app").info(
-                        "received %s, shutting down", signal.Signals(signum).name
-                    )
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
                     await app.stop()
                     return
 
+        async def stop_when_orphaned() -> None:
+            """A worker whose supervisor died (SIGKILL) must not keep serving the port alone."""
+            while os.getppid() == supervisor:
+                await anyio.sleep(1)
+            log.warning("supervisor (pid %s) is gone, shutting down", supervisor)
+            await app.stop()
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_signal)
-            await app.serve_forever()
+            if supervisor is not None:
+                tg.start_soon(stop_when_orphaned)
+            # a worker listens with SO_REUSEPORT beside the other workers
+            await app.serve_forever(reuse_port=supervisor is not None)
             tg.cancel_scope.cancel()
 
     backend = cfg["server"]["backend"]
@@ -77,13 +106,209 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
     try:
         anyio.run(main, backend=backend, backend_options=options)
-    except StartupError as exc:
-        print(f"backchannel: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"backchannel: cannot listen: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # Exit 2 (a supervisor does not restart it) only when it never listened; from inside
+        # the serving task group, the failure comes wrapped in an ExceptionGroup.
+        failure = _startup_failure(exc) if app.port is None else None
+        if failure is None:
+            raise
+        what = "cannot listen: " if isinstance(failure, OSError) else ""
+        print(f"backchannel: {what}{failure}", file=sys.stderr)
         return 2
     return 0
+
+
+def _startup_failure(exc: BaseException) -> StartupError | OSError | None:
+    """The StartupError or OSError (cannot listen) in ``exc``, maybe an ExceptionGroup."""
+    if isinstance(exc, StartupError | OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+# ------------------------------------------------------------------ serve --workers N
+
+
+def _cannot_supervise(app: App) -> str | None:
+    """Why ``server.workers`` > 1 cannot work with this config (None: it can)."""
+    server = app.config["server"]
+    what = f"server.workers = {server['workers']}"
+    if server["port"] == 0:
+        return f"{what} needs a fixed port: with port 0 each worker would get a different one"
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return f"{what} needs SO_REUSEPORT, which this platform lacks; run one process per port"
+    if not app.pm.hook.broker.get_hookimpls():
+        return (
+            f'{what} needs a shared broker: enable the redis plugin (add "redis" to '
+            "plugins.enabled); the in-memory broker keeps sessions and rooms in one process"
+        )
+    return None
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """A worker's command line: this command's config file and flags, one worker, reuse-port."""
+    cmd = [sys.executable, "-m", "backchannel.cli", "serve", "--workers", "1"]
+    cmd += ["--worker-of", str(os.getpid())]
+    if args.config:
+        cmd += ["--config", str(args.config)]
+    for key in ("host", "port", "backend", "log_level"):
+        value = getattr(args, key, None)
+        if value is not None:
+            cmd += ["--" + key.replace("_", "-"), str(value)]
+    return cmd
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """Run ``server.workers`` copies of ``serve`` on one port (SO_REUSEPORT) until SIGTERM or
+    SIGINT, which each worker gets as SIGTERM (graceful: going-away, 1001). A worker that dies
+    is restarted, with back-off; MAX_DEATHS within RESTART_WINDOW seconds: give up (exit 1).
+    A worker exiting with 2 could not start (config, cannot listen): stop all, exit 2."""
+    log = logging.getLogger("backchannel.workers")
+    count: int = cfg["server"]["workers"]
+    cmd = _worker_command(args)
+    workers: list[subprocess.Popen[bytes] | None] = [None] * count
+    restart_at: dict[int, float] = {}
+    deaths: deque[float] = deque()
+    requested: list[int] = []
+
+    # Signals wake the wait below through this pipe: no polling, no wake-up lost between
+    # looking at the workers and waiting.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+
+    def on_stop(signum: int, frame: object) -> None:
+        requested.append(signum)
+
+    def on_child(signum: int, frame: object) -> None:
+        pass  # only wakes the wait (through the wake-up fd)
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
+        signal.SIGCHLD: signal.signal(signal.SIGCHLD, on_child),
+    }
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+
+    def wait(timeout: float) -> None:
+        select.select([wake_r], [], [], max(timeout, 0.0))
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def spawn(index: int) -> None:
+        # A session of its own: a terminal's Ctrl+C reaches the supervisor only, which
+        # forwards it once (a worker getting two would stop abruptly on the second).
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        workers[index] = proc
+        log.info("worker %d/%d started (pid %d)", index + 1, count, proc.pid)
+
+    code: int | None = None
+    try:
+        server = cfg["server"]
+        log.info(
+            "supervisor (pid %d): %d workers on %s:%s",
+            os.getpid(),
+            count,
+            server["host"],
+            server["port"],
+        )
+        for index in range(count):
+            spawn(index)
+        while code is None and not requested:
+            now = time.monotonic()
+            for index, proc in enumerate(workers):
+                if proc is None or proc.poll() is None:
+                    continue
+                workers[index] = None
+                name = f"worker {index + 1}/{count} (pid {proc.pid})"
+                if proc.returncode == 2:
+                    log.error("%s could not start (exit code 2); stopping the others", name)
+                    code = 2
+                    break
+                deaths.append(now)
+                while now - deaths[0] > RESTART_WINDOW:
+                    deaths.popleft()
+                if len(deaths) >= MAX_DEATHS:
+                    log.error(
+                        "%s exited (%s): %d deaths within %g s, giving up",
+                        name,
+                        _exit_text(proc.returncode),
+                        len(deaths),
+                        RESTART_WINDOW,
+                    )
+                    code = 1
+                    break
+                delay = 0.0 if len(deaths) == 1 else min(2.0, 0.25 * 2 ** (len(deaths) - 2))
+                log.warning(
+                    "%s exited unexpectedly (%s); restarting it in %.2f s",
+                    name,
+                    _exit_text(proc.returncode),
+                    delay,
+                )
+                restart_at[index] = now + delay
+            if code is not None:
+                break
+            for index, at in list(restart_at.items()):
+                if at <= now:
+                    del restart_at[index]
+                    spawn(index)
+            wait(min(restart_at.values()) - time.monotonic() if restart_at else 5.0)
+
+        live = [proc for proc in workers if proc is not None]
+        if requested:
+            log.info(
+                "received %s, stopping %d workers", signal.Signals(requested[0]).name, len(live)
+            )
+        seen = len(requested)
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        # a worker's graceful stop takes shutdown.grace plus the close handshakes (<= 6 s)
+        deadline = time.monotonic() + cfg["shutdown"]["grace"] + 15.0
+        clean = True
+        while any(proc.poll() is None for proc in live):
+            if time.monotonic() >= deadline or len(requested) > seen:
+                why = "a second signal" if len(requested) > seen else "the time limit"
+                log.error("killing the workers still running (%s)", why)
+                for proc in live:
+                    proc.kill()
+                    proc.wait()
+                clean = False
+                break
+            wait(deadline - time.monotonic())
+        for proc in live:
+            if proc.returncode not in (0, -signal.SIGTERM):
+                clean = False
+                log.warning("worker pid %d stopped with %s", proc.pid, _exit_text(proc.returncode))
+        if code is None:
+            code = 0 if clean else 1
+        log.info("all workers stopped")
+        return code
+    finally:
+        for proc in workers:  # only after an exception: the stop above waited for them all
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        signal.set_wakeup_fd(old_wakeup)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -139,6 +364,13 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--backend", choices=["asyncio", "trio"], help="event loop (server.backend)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (log.level)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes sharing the port (server.workers; more than 1 needs the redis plugin)",
+    )
+    serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by _supervise
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="validate a config file and its plugins without starting")

@@ -455,9 +455,13 @@ async def serve_anyio(
     task_group: anyio.abc.TaskGroup,
     *,
     started: Callable[[int], None],
+    reuse_port: bool = False,
 ) -> None:
-    """Listen and serve until cancelled (anyio; used for Trio)."""
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=1024)
+    """Listen and serve until cancelled (anyio; used for Trio). ``reuse_port``: share the
+    port with other processes (SO_REUSEPORT), as ``serve --workers N`` does."""
+    listener = await anyio.create_tcp_listener(
+        local_host=host, local_port=port, backlog=1024, reuse_port=reuse_port
+    )
     bound = listener.extra(anyio.abc.SocketAttribute.local_port)
     started(int(bound))
 
