@@ -229,6 +229,7 @@ def test_plugins_command_lists_installed_plugins_as_json(
         "validation": ["config_schema", "startup", "validate"],
         "rooms": [
             "config_schema",
+            "control_message",
             "disconnect",
             "message_types",
             "session_expired",

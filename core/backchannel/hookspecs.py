@@ -18,7 +18,7 @@ Failure policy, by kind of hook:
   ``broker``, ``http_routes``) fail start-up, naming the plugin;
 * observers (``connection_added``, ``connection_removed``, ``message_received``,
   ``message_sent``, ``error``, ``alert``, ``on_error``, ``disconnect``,
-  ``session_resumed``, ``session_expired``, ``shutdown``)
+  ``session_resumed``, ``session_expired``, ``control_message``, ``shutdown``)
   log the failure with the plugin's name, count it, and carry on.
 
 Hooks marked *sync only* are on the hot path and must not return an awaitable.
@@ -248,6 +248,14 @@ def session_resumed(session: Session, connection: Connection) -> None:
     Called for every plugin; may return an awaitable (e.g. to restore presence).
     Failures are logged.
     """
+
+
+@hookspec
+def control_message(app: App, message: dict[str, Any]) -> None:
+    """Observer, sync only: another process sharing the broker told this one ``message``
+    (``app.broker.tell``) with an ``op`` the kernel does not handle itself (it handles
+    ``send``, ``broadcast``, ``takeover``). Plugins name their ops ``"<plugin>.<what>"``
+    and ignore the others; delivery between processes is at most once."""
 
 
 @hookspec

@@ -810,6 +810,8 @@ class Hub:
             self.broadcast(message["type"], message["content"])
         elif op == "takeover":
             self.take_over(message["session"])
+        elif isinstance(op, str) and "." in op:  # a plugin's ("<plugin>.<what>")
+            self.app.hooks.notify("control_message", app=self.app, message=message)
         else:
             self.count_control("unknown_op")
             log.warning("unknown control message op=%r from another instance", op)

@@ -146,6 +146,16 @@ async def until(condition: Callable[[], Any], what: str) -> None:
         raise AssertionError(f"{what} (within {BOUND}s)") from None
 
 
+async def texts(sock: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` room messages (presence notices of other members skipped)."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        frame = await recv(sock)
+        if frame["type"] != "presence":
+            got.append(frame)
+    return got
+
+
 async def http_status(app: App, path: str) -> int:
     with anyio.fail_after(BOUND):
         async with await anyio.connect_tcp("127.0.0.1", app.port or 0) as stream:
@@ -185,7 +195,8 @@ async def test_client_resumes_on_another_instance_with_missed_frames_and_answers
 
         async def flushed() -> bool:  # instance 1 kept them in the session's outbox in Redis
             record = await broker(one).find_session(session)
-            return record is not None and record.last_seq == last_seq + 3
+            # the member's presence join and leave (told by instance 2), and its 3 messages
+            return record is not None and record.last_seq == last_seq + 5
 
         await until(flushed, "instance 1 never stored the frames for the absent client")
         async with ws(two) as again:
@@ -193,12 +204,14 @@ async def test_client_resumes_on_another_instance_with_missed_frames_and_answers
             await send(again, "i2", "init", resume)
             resumed, replayed = await answer(again, "i2")
             assert resumed["content"]["resumed"] is True, resumed
-            assert resumed["content"]["missed"] == 3
-            assert [f["content"] for f in replayed] == sent
-            assert [f["seq"] for f in replayed] == [last_seq + 1, last_seq + 2, last_seq + 3]
-            assert resumed["seq"] == last_seq + 4
+            assert resumed["content"]["missed"] == 5
+            assert [f["content"] for f in replayed if f["type"] == "text"] == sent
+            events = [f["content"]["event"] for f in replayed if f["type"] == "presence"]
+            assert events == ["join", "leave"]
+            assert [f["seq"] for f in replayed] == list(range(last_seq + 1, last_seq + 6))
+            assert resumed["seq"] == last_seq + 6
             retry = await request(again, "once", "count", {})
-            assert retry["content"] == {"n": 1} and retry["seq"] == last_seq + 5
+            assert retry["content"] == {"n": 1} and retry["seq"] == last_seq + 7
             assert (one.count["n"], two.count["n"]) == (1, 0)  # type: ignore[attr-defined]
             fresh = await request(again, "twice", "count", {})
             assert fresh["content"] == {"n": 1} and two.count["n"] == 1  # type: ignore[attr-defined]
@@ -417,10 +430,10 @@ async def test_room_messages_published_while_redis_was_away_arrive_after_in_orde
                 reply = await request(near, f"t{n}", "text", {"room": "lobby", "text": f"{n}"})
                 sent.append(reply["content"])
             proxy.up = True
-            got = [(await recv(far))["content"] for _ in range(3)]
+            got = [f["content"] for f in await texts(far, 3)]
             assert got == sent and [m["offset"] for m in got] == [1, 2, 3]
             live = await request(near, "t3", "text", {"room": "lobby", "text": "live"})
-            assert (await recv(far))["content"] == live["content"]
+            assert (await texts(far, 1))[0]["content"] == live["content"]
             assert broker(cut_off).counters.get("subscriber_reconnects", 0) >= 1
         tg.cancel_scope.cancel()
 
@@ -551,9 +564,13 @@ async def test_a_session_resumed_elsewhere_is_released_by_the_instance_it_left(
             async with ws(one) as other:  # a message published on instance 1
                 await request(other, "oj", "join", {"room": "lobby"})
                 sent = await request(other, "ot", "text", {"room": "lobby", "text": "hi"})
-            frame = await recv(again)
-            assert frame["content"]["offset"] == sent["content"]["offset"]
-            assert frame["seq"] == resumed["seq"] + 2  # numbered by instance 2 only
+            frames = [await recv(again)]
+            while frames[-1]["type"] == "presence":  # the other member's join and leave
+                frames.append(await recv(again))
+            assert frames[-1]["content"]["offset"] == sent["content"]["offset"]
+            rejoined = resumed["seq"] + 1  # the join's answer; then only instance 2 numbers
+            seqs = [f["seq"] for f in frames]
+            assert seqs == list(range(rejoined + 1, rejoined + 1 + len(seqs))), seqs
 
 
 async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[str, str]) -> None:
@@ -594,3 +611,25 @@ async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[s
     finally:
         await new.stop()
         await old.stop()
+
+
+async def test_presence_notices_reach_members_on_other_instances(redis: dict[str, str]) -> None:
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), ws(one) as alice:
+        await request(alice, "a1", "join", {"room": "lobby"})
+        async with ws(two) as bob:
+            init = await request(bob, "b0", "init", {})
+            await request(bob, "b1", "join", {"room": "lobby"})
+            with anyio.fail_after(BOUND):
+                joined = await recv(alice)
+            assert joined["type"] == "presence", joined
+            assert joined["content"] == {
+                "room": "lobby",
+                "event": "join",
+                "member": init["content"]["principal"],
+            }
+        with anyio.fail_after(BOUND):
+            left = await recv(alice)
+        assert left["content"]["event"] == "leave", left
+        assert [f for f in await frames_before_pong(alice, "p1") if f["type"] == "presence"] == []
+    assert one.hub.control == {"rooms.presence": 2}

@@ -191,6 +191,18 @@ class Plugin:
             if session is not None:
                 session.send("text", content)
 
+    def _announce(self, room: str, event: str, member: str, skip: str) -> None:
+        """A member joined or left: tell the room's members here and on every other
+        instance sharing the broker (at most once there, like any control message)."""
+        self._notify(room, event, member, skip)
+        message = {"op": "rooms.presence", "room": room, "event": event, "member": member}
+        self._app.broker.tell(None, message)
+
+    @hookimpl
+    def control_message(self, message: dict[str, Any]) -> None:
+        if message["op"] == "rooms.presence":
+            self._notify(message["room"], message["event"], message["member"])
+
     def _notify(self, room: str, event: str, member: str, skip: str | None = None) -> None:
         sessions = self._app.hub.sessions
         content = {"room": room, "event": event, "member": member}
@@ -202,12 +214,12 @@ class Plugin:
     async def _present(self, room: str, connection: Connection) -> None:
         member = connection.session.principal_id
         if await self._app.broker.presence_add(room, member, connection.id):
-            self._notify(room, "join", member, skip=connection.session.id)
+            self._announce(room, "join", member, skip=connection.session.id)
 
     async def _absent(self, room: str, connection: Connection) -> None:
         member = connection.session.principal_id
         if await self._app.broker.presence_remove(room, member, connection.id):
-            self._notify(room, "leave", member, skip=connection.session.id)
+            self._announce(room, "leave", member, skip=connection.session.id)
 
     # lifecycle --------------------------------------------------------------
 
