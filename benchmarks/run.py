@@ -20,9 +20,12 @@ Prints Markdown tables and writes benchmarks/results/<timestamp>.json and result
     uv run python benchmarks/run.py --quick    # 3 s windows, 1000 idle conns: about 1 minute
     uv run python benchmarks/run.py --report benchmarks/results/latest.json   # tables only
     uv run python benchmarks/run.py --scenarios broadcast,resume,outbox   # issue 3 (~3 minutes)
+    uv run --group bench python benchmarks/run.py --scenarios scaleout    # issue 5 (~4 minutes)
 
 ``--scenarios`` picks the phases: ``echo`` (all of the above, the default) and issue 3's
-``broadcast``, ``resume``, ``outbox`` (sessions_suite.py), or ``all``.
+``broadcast``, ``resume``, ``outbox`` (sessions_suite.py), or ``all`` (those four); issue 5's
+``scaleout`` (scaleout.py: 3 instances on one Redis against python-socketio with its Redis
+manager) is run only when named, since its peer needs the ``bench`` dependency group.
 
 The peer and the load generator run on this interpreter, which needs websockets, orjson and
 uvloop (the workspace venv has them). To test the harness without the real server:
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import dummies
+import scaleout
 import sessions_suite
 from idle import measure_idle, raise_nofile
 from loadgen import Scenario, process_tree, run_load
@@ -554,6 +558,40 @@ def main() -> None:
     parser.add_argument("--resume-frames", type=int, default=1000)
     parser.add_argument("--resume-reps", type=int, default=5)
     parser.add_argument("--outbox-sessions", type=int, default=10_000, help="over sockets")
+    parser.add_argument("--scaleout-subscribers", type=int, default=1000)
+    parser.add_argument(
+        "--scaleout-messages", type=int, default=200, help="latency phase (--quick: 50)"
+    )
+    parser.add_argument("--scaleout-rate", type=float, default=20.0, help="messages/s")
+    parser.add_argument(
+        "--scaleout-tput", type=int, default=500, help="throughput phase messages (--quick: 100)"
+    )
+    parser.add_argument(
+        "--scaleout-window", type=int, default=10, help="unanswered publishes at most"
+    )
+    parser.add_argument(
+        "--scaleout-reps", type=int, default=2, help="peer/ours pairs, alternating (--quick: 1)"
+    )
+    parser.add_argument(
+        "--scaleout-redis",
+        default="",
+        help="a Redis URL to share (default: a fresh private redis-server per system and run)",
+    )
+    parser.add_argument(
+        "--scaleout-systems", default="socketio,ours", help="which of socketio, ours to run"
+    )
+    parser.add_argument(
+        "--peer-server",
+        default="aiohttp",
+        choices=["uvicorn", "aiohttp"],
+        help="how the python-socketio peer is served (aiohttp: its cheaper mode here)",
+    )
+    parser.add_argument(
+        "--peer-ws",
+        default="websockets-sansio",
+        choices=["websockets", "websockets-sansio", "wsproto"],
+        help="uvicorn's WebSocket implementation for the python-socketio peer",
+    )
     args = parser.parse_args()
     if args.report:  # the summary is derived from the raw figures: recompute it
         saved = json.loads(args.report.read_text())
@@ -561,13 +599,18 @@ def main() -> None:
         return
     known = {"echo", *sessions_suite.SCENARIOS}
     wanted = known if args.scenarios == "all" else set(args.scenarios.split(","))
-    if wanted - known:
-        parser.error(f"unknown scenarios: {', '.join(sorted(wanted - known))}")
+    if wanted - known - {"scaleout"}:
+        parser.error(f"unknown scenarios: {', '.join(sorted(wanted - known - {'scaleout'}))}")
+    if "scaleout" in wanted:
+        try:
+            import socketio  # type: ignore[import-untyped]  # noqa: F401
+        except ImportError:
+            parser.error("scaleout needs the bench group: uv run --group bench python ...")
     args.scenarios = sorted(wanted)
     if args.quick:
         args.duration, args.warmup, args.idle_conns, args.startup_runs = 3.0, 1.0, 1000, 3
     # inherited by the servers we spawn
-    raise_nofile(max(args.idle_conns, args.broadcast_members) + 1024)
+    raise_nofile(max(args.idle_conns, args.broadcast_members, args.scaleout_subscribers) + 1024)
     RESULTS.mkdir(exist_ok=True)
     began = time.monotonic()
 
@@ -620,13 +663,15 @@ def main() -> None:
     try:
         if echo:
             run_echo(servers, args, results)
-        if wanted - {"echo"}:
 
-            def make(name: str, template: str, loop: str, env: dict[str, str]) -> Server:
-                return Server(name, template, loop, None, env, idle=False)
+        def make(name: str, template: str, loop: str, env: dict[str, str]) -> Server:
+            return Server(name, template, loop, None, env, idle=False)
 
+        if wanted & set(sessions_suite.SCENARIOS):
             project = ours_from(args.ours)
             sessions_suite.run_phases(args, results, make, args.ours, args.plugins, project)
+        if "scaleout" in wanted:
+            scaleout.run_phase(args, results, make)
     finally:
         for srv in servers.values():
             srv.stop()
@@ -639,8 +684,11 @@ def main() -> None:
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(results, indent=2) + "\n"
-    # Issue 3's phases alone do not replace the echo run's latest.json (the README cites it).
+    # Issue 3's or 5's phases alone do not replace the echo run's latest.json (the README
+    # cites it).
     latest = "latest.json" if echo else "latest-sessions.json"
+    if wanted == {"scaleout"}:
+        latest = "latest-scaleout.json"
     for path in (RESULTS / f"{stamp}.json", RESULTS / latest):
         path.write_text(text)
     print(report(results))
@@ -653,9 +701,9 @@ def report(results: dict[str, Any]) -> str:
     if results.get("load"):
         results["summary"] = summarize(results)
         parts.append(fmt_tables(results))
-    more = sessions_suite.fmt_tables(results)
-    if more:
-        parts.append(more)
+    for more in (sessions_suite.fmt_tables(results), scaleout.fmt_tables(results)):
+        if more:
+            parts.append(more)
     return "\n\n".join(parts)
 
 
