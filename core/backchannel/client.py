@@ -494,11 +494,13 @@ class Client:
             self._on_frame(early)
         link.early.clear()
         self._on_frame(frame)
-        for data, _ in self._pending.values():  # unanswered: same ids, the server dedupes
-            link.send(data)
+        # Rooms first: on another instance the session is no member yet, and a re-sent
+        # message to a room would be refused; the server handles them in this order.
         self._joins.clear()
         for sub in self._rooms.values():
             self._join(link, sub)
+        for data, _ in self._pending.values():  # unanswered: same ids, the server dedupes
+            link.send(data)
         info: dict[str, Any] = {"sessionId": self.session_id}
         if not self._connected:
             state = State.CONNECTED

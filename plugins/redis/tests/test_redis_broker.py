@@ -633,3 +633,35 @@ async def test_presence_notices_reach_members_on_other_instances(redis: dict[str
         assert left["content"]["event"] == "leave", left
         assert [f for f in await frames_before_pong(alice, "p1") if f["type"] == "presence"] == []
     assert one.hub.control == {"rooms.presence": 2}
+
+
+async def test_a_join_with_since_replays_before_any_live_message(redis: dict[str, str]) -> None:
+    """Members join with ``since`` (a long replay) while messages keep coming, live on the
+    same instance and through a fresh subscription on another: each sees every offset
+    once and in order — live messages that arrive while its replay is read wait for it."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), ws(one) as talker:
+        joined = await request(talker, "j0", "join", {"room": "busy"})
+        epoch = joined["content"]["epoch"]
+        done = anyio.Event()
+
+        async def talk() -> None:
+            n = 0
+            while not done.is_set():
+                n += 1
+                await request(talker, f"t{n}", "text", {"room": "busy", "text": str(n)})
+
+        async def join_and_check(app: App, trial: int) -> None:
+            async with ws(app) as joiner:
+                since = {"offset": 0, "epoch": epoch}
+                await send(joiner, "j", "join", {"room": "busy", "since": since})
+                _, before = await answer(joiner, "j")
+                after = await frames_before_pong(joiner, "p")
+            offsets = [f["content"]["offset"] for f in before + after if f["type"] == "text"]
+            assert offsets == list(range(1, len(offsets) + 1)), (trial, offsets)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(talk)
+            for trial in range(20):
+                await join_and_check(one if trial % 2 else two, trial)
+            done.set()

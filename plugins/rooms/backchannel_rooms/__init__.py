@@ -36,9 +36,15 @@ def _require(connection: Connection, action: str, room: str) -> None:
         raise BackchannelError(ErrorCode.FORBIDDEN, f"permission {permission!r} is required")
 
 
+#: fields of a stored room message that only the plugin reads
+_PRIVATE = frozenset({"session", "request"})
+#: most publishes remembered as answered with an error (see ``Plugin.unconfirmed``)
+_UNCONFIRMED_MAX = 10_000
+
+
 def _public(stored: dict[str, Any]) -> dict[str, Any]:
-    """The room message as clients see it (without the sender's session id)."""
-    return {k: v for k, v in stored.items() if k != "session"}
+    """The room message as clients see it (without the sender's session and request ids)."""
+    return {k: v for k, v in stored.items() if k not in _PRIVATE}
 
 
 class Plugin:
@@ -54,6 +60,15 @@ class Plugin:
         #: session id -> rooms it is a member of.
         self.joined: dict[str, set[str]] = {}
         self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
+        #: (session id, room) of a join reading its position -> live messages held meanwhile
+        self.joining: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        #: (session id, room) -> (offset, epoch) its join replayed up to, until the broker's
+        #: delivery passes it (a new subscription may deliver what the replay held)
+        self.replayed: dict[tuple[str, str], tuple[int, str]] = {}
+        #: room -> offset of the last message delivered to its members here
+        self.delivered: dict[str, int] = {}
+        #: "session:request" of publishes answered with an error (oldest first)
+        self.unconfirmed: dict[str, None] = {}
 
     # set-up -----------------------------------------------------------------
 
@@ -107,16 +122,35 @@ class Plugin:
             )
         broker = self._app.broker
         since = message.content.get("since")
+        # Live messages reach a member from here on, while its position (and replay) is
+        # read: hold them, so none arrives before the replay nor twice.
+        key = (session.id, room)
+        held: list[dict[str, Any]] = []
+        if key not in self.joining:
+            self.joining[key] = held
         self._add_member(room, session.id)
         reply: dict[str, Any] = {"room": room}
-        if since is not None:
-            missed, offset, epoch = await broker.room_since(room, since["offset"], since["epoch"])
-            reply["recovered"] = missed is not None
-            reply["missed"] = len(missed or ())
-            for stored in missed or ():
-                session.send("text", _public(stored))
-        else:
-            _, offset, epoch = await broker.room_since(room, 0, "")
+        offset, epoch = -1, ""
+        try:
+            if since is not None:
+                missed, offset, epoch = await broker.room_since(
+                    room, since["offset"], since["epoch"]
+                )
+                reply["recovered"] = missed is not None
+                reply["missed"] = len(missed or ())
+                for stored in missed or ():
+                    session.send("text", _public(stored))
+            else:
+                _, offset, epoch = await broker.room_since(room, 0, "")
+        finally:
+            if self.joining.get(key) is held:
+                del self.joining[key]
+            for stored in held:  # published after the position read
+                if stored["offset"] > offset or stored["epoch"] != epoch:
+                    session.send("text", _public(stored))
+                    offset, epoch = stored["offset"], stored["epoch"]
+        if self.delivered.get(room, 0) < offset:
+            self.replayed[key] = (offset, epoch)
         await self._present(room, connection)
         reply.update(members=await broker.presence(room), offset=offset, epoch=epoch)
         return reply
@@ -144,13 +178,28 @@ class Plugin:
         if room not in self.joined.get(session.id, ()):
             raise BackchannelError(ErrorCode.FORBIDDEN, "join the room before publishing to it")
         _require(connection, "publish", room)
-        stored = await self._app.broker.publish(
-            room,
-            {"from": session.principal_id, "text": message.content["text"], "session": session.id},
-            history_size=self.history_size,
-            history_ttl=self.history_ttl,
-            dedupe=f"{session.id}:{message.id}",
-        )
+        request = f"{session.id}:{message.id}"
+        body = {
+            "from": session.principal_id,
+            "text": message.content["text"],
+            "session": session.id,
+            "request": message.id,
+        }
+        try:
+            stored = await self._app.broker.publish(
+                room,
+                body,
+                history_size=self.history_size,
+                history_ttl=self.history_ttl,
+                dedupe=request,
+            )
+        except BackchannelError:
+            # Answered with an error, but the outcome may be unknown (Redis may still run
+            # a publish that timed out): should the message land, its sender gets it too.
+            self.unconfirmed[request] = None
+            if len(self.unconfirmed) > _UNCONFIRMED_MAX:
+                del self.unconfirmed[next(iter(self.unconfirmed))]
+            raise
         return _public(stored)
 
     # membership, fan-out, presence ------------------------------------------
@@ -170,23 +219,42 @@ class Plugin:
             rooms.discard(room)
             if not rooms:
                 del self.joined[session_id]
+        self.replayed.pop((session_id, room), None)
         members = self.members.get(room)
         if members is None:
             return
         members.discard(session_id)
         if not members:
             del self.members[room]
+            self.delivered.pop(room, None)
             listener = self._listeners.pop(room, None)
             if listener is not None:
                 self._app.broker.unsubscribe(room, listener)
 
     def _fan_out(self, room: str, stored: dict[str, Any]) -> None:
-        """Deliver a room message to every local member session but the sender's."""
+        """Deliver a room message to every local member session but the sender's (who
+        gets it as the answer to its request, unless that answer was an error)."""
         sessions = self._app.hub.sessions
         content = _public(stored)
+        sender = stored.get("session")
+        if self.unconfirmed:
+            request = f"{sender}:{stored.get('request')}"
+            if request in self.unconfirmed:
+                del self.unconfirmed[request]
+                sender = None
+        self.delivered[room] = stored["offset"]
+        joining, replayed = self.joining, self.replayed
         for session_id in list(self.members.get(room, ())):
-            if session_id == stored.get("session"):
+            if session_id == sender:
                 continue
+            if joining and (session_id, room) in joining:
+                joining[session_id, room].append(stored)
+                continue
+            if replayed and (session_id, room) in replayed:
+                offset, epoch = replayed[session_id, room]
+                if stored["offset"] <= offset and stored["epoch"] == epoch:
+                    continue  # its join's replay had it
+                del replayed[session_id, room]
             session = sessions.get(session_id)
             if session is not None:
                 session.send("text", content)
