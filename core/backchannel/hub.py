@@ -94,7 +94,17 @@ class Session:
     ones queued or running, so a retry is attached instead of run twice.
     """
 
-    __slots__ = ("id", "principal_id", "seq", "connection", "stash", "log", "hub", "pending")
+    __slots__ = (
+        "id",
+        "principal_id",
+        "seq",
+        "connection",
+        "stash",
+        "log",
+        "hub",
+        "pending",
+        "origin",
+    )
 
     def __init__(
         self,
@@ -113,6 +123,9 @@ class Session:
         self.stash = Stash()
         self.log = log if log is not None else hub.broker.open_session(self.id, principal_id)
         self.pending: dict[str, Any] = {}
+        #: the session whose requests this one's may be retries of: itself, or the one its
+        #: client failed to resume (``ahead``/``trimmed``) and re-sends unanswered requests of
+        self.origin = self.id
 
     def __repr__(self) -> str:
         return f"<Session {self.id} seq={self.seq}>"
@@ -530,14 +543,21 @@ class Connection:
             principal.anonymous and record.principal_id.startswith(ANONYMOUS)
         ):
             raise BackchannelError(ErrorCode.FORBIDDEN, "this session belongs to another principal")
-        if last_seq > record.last_seq:
+        if last_seq > record.last_seq:  # its instance died before storing what it sent
+            fresh.origin = session_id
             return {"resumed": False, "reason": "ahead"}
         frames = await record.log.since(last_seq)
         if frames is None:
+            fresh.origin = session_id
             return {"resumed": False, "reason": "trimmed"}
         if record.principal_id != principal.id:  # taking over an anonymous session
             self.principal = dataclasses.replace(principal, id=record.principal_id)
         session = hub.sessions.get(session_id)
+        if session is not None and session.seq < record.last_seq:
+            # another process numbered frames since (it took the session over, and the
+            # takeover message never reached this one): this copy is stale
+            hub.take_over(session_id)
+            session = None
         if session is None:  # made by another process sharing the broker
             session = Session(
                 hub,
@@ -547,6 +567,9 @@ class Connection:
                 seq=record.last_seq,
             )
             hub.sessions[session_id] = session
+        # frames the log got between the two reads (an old holder still flushing): they
+        # are replayed below, so this holder numbers after them
+        session.seq = max(session.seq, last_seq + len(frames))
         previous = session.connection
         session.connection = self
         self.session = session
@@ -710,6 +733,15 @@ class Connection:
             )
             return
         original = decode(frame)
+        if original.get("replyTo") != message.id:  # its seq was reused (a takeover trimmed it)
+            self.send_error(
+                message.id,
+                BackchannelError(
+                    ErrorCode.INVALID_ENVELOPE,
+                    "this request id was already answered and its answer is no longer kept",
+                ),
+            )
+            return
         log.log(
             logging.WARNING if differs else logging.INFO,
             "retry of answered request%s conn=%s session=%s msg=%s: original answer sent again",

@@ -638,6 +638,10 @@ class RedisBroker:
                 self._set_ready(False, f"control publish failed: {type(exc).__name__}: {exc}")
                 log.warning("redis broker lost %d control messages: %s", len(batch), exc)
                 continue
+            except Exception:  # Redis refused (e.g. an ACL without pub/sub): never fatal
+                self._count("control_lost", len(batch))
+                log.exception("redis broker dropped %d control messages Redis refused", len(batch))
+                continue
             for (to, _), n in zip(batch, received, strict=True):
                 if to is not None and not n:
                     self._count_loudly(
@@ -646,21 +650,34 @@ class RedisBroker:
                         to,
                     )
 
-    def _on_control(self, data: bytes) -> None:
-        message = orjson.loads(data)
-        if message.get("from") == self.instance:
-            return  # this instance's own broadcast: the kernel delivered it here already
-        if message.get("op") == "takeover":  # resumed elsewhere: stop holding it here
-            session_id = message["session"]
-            self._logs.pop(session_id, None)
-            self._attached.discard(session_id)
-            self._detached.pop(session_id, None)
-        if self._control is not None:
-            try:
+    async def _on_control(self, channel: str, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+            if channel == self._control_channel(None) and message.get("from") == self.instance:
+                return  # this instance's own broadcast: the kernel delivered it here already
+            if message.get("op") == "takeover" and not await self._let_go(message["session"]):
+                return
+            if self._control is not None:
                 self._control(message)
-            except Exception:
-                self._count("control_errors")
-                log.exception("control message handler failed op=%s", message.get("op"))
+        except Exception:
+            self._count("control_errors")
+            log.exception("control message failed: %r", bytes(data[:200]))
+
+    async def _let_go(self, session_id: str) -> bool:
+        """A takeover: stop holding the session here, unless this instance holds it again
+        (it resumed here after the other instance took it: the message is late)."""
+        try:
+            await self._barrier()  # this instance's own ATTACH, if queued, reaches Redis first
+            owner = await self._call(self._redis.hget(self._session_keys(session_id)[0], "o"))
+        except BackchannelError:
+            owner = None  # Redis cannot say: the other instance's attach is the news
+        if owner is not None and _text(owner) == self.instance:
+            self._count("takeover_late")
+            return False
+        self._logs.pop(session_id, None)
+        self._attached.discard(session_id)
+        self._detached.pop(session_id, None)
+        return True
 
     # ------------------------------------------------------------------ rooms
 
@@ -834,7 +851,7 @@ class RedisBroker:
         elif value["type"] == "message":
             channel = _text(value["channel"])
             if not channel.startswith(self._room_channels):
-                self._on_control(bytes(value["data"]))
+                await self._on_control(channel, bytes(value["data"]))
                 return
             state = self._room_of(channel)
             if state is None or state.last is None:

@@ -1,7 +1,9 @@
 """The Lua scripts of the Redis broker: each is one round trip and atomic.
 
 Keys of one session share the hash tag ``{session id}`` and keys of one room
-share ``{room}``, so every script touches one Redis Cluster slot. Times come from
+share ``{room}``, so every script but ``APPEND`` touches one Redis Cluster slot
+(``APPEND`` carries the frames of many sessions: a cluster mode would group its
+calls by slot). Times come from
 Redis (``TIME``), never from an instance's clock, except a detached session's
 absolute expiry, which the instance computes (``PEXPIREAT``).
 """
@@ -89,14 +91,14 @@ return {off, ep}
 """
 )
 
-#: KEYS: meta, log. ARGV: offset, epoch, candidate epoch, keep (ms).
+#: KEYS: meta, log, dedupe. ARGV: offset, epoch, candidate epoch, keep (ms).
 #: Returns {current offset, epoch, covered (0/1), body...} with the bodies after offset.
 ROOM_SINCE = (
     """
 local ep = redis.call('HGET', KEYS[1], 'epoch')
 if not ep then
   ep = ARGV[3]
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'epoch', ep, 'offset', 0)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end

@@ -665,3 +665,113 @@ async def test_a_join_with_since_replays_before_any_live_message(redis: dict[str
             for trial in range(20):
                 await join_and_check(one if trial % 2 else two, trial)
             done.set()
+
+
+# ------------------------------------ takeover messages lost or late (at most once)
+
+
+def flushed(app: App) -> bool:
+    return broker(app)._flushed >= broker(app)._queued
+
+
+def hold_takeovers(app: App, held: list[tuple[str, bytes]] | None) -> Callable[..., Any]:
+    """Make instance ``app`` miss takeover messages (keep them in ``held`` if given), as
+    when its pub/sub connection drops at that moment; returns the real handler."""
+    real = broker(app)._on_control
+
+    async def lossy(channel: str, data: bytes) -> None:
+        if b"takeover" not in data:
+            await real(channel, data)
+        elif held is not None:
+            held.append((channel, data))
+
+    broker(app)._on_control = lossy  # type: ignore[method-assign]
+    return real
+
+
+async def test_a_resume_back_on_an_instance_that_missed_the_takeover_numbers_after(
+    redis: dict[str, str],
+) -> None:
+    """Instance 1 never hears that instance 2 took the session over; the client later
+    resumes back on 1: 1 sees its copy is stale and numbers after what 2 sent."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two):
+        async with ws(one) as c:
+            init = (await request(c, "i1", "init", {}))["content"]
+            seq = (await request(c, "a", "count", {}))["seq"]
+        session = init["sessionId"]
+        await until(lambda: session in broker(one)._detached, "not detached")
+        hold_takeovers(one, None)
+        async with ws(two) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            assert (await request(c, "i2", "init", resume))["content"]["resumed"] is True
+            for n in range(3):
+                seq = (await request(c, f"b{n}", "ping", {}))["seq"]
+        await until(lambda: flushed(two), "two never flushed")
+        async with ws(one) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            resumed = await request(c, "i3", "init", resume)
+            after = await request(c, "c", "ping", {})
+        assert resumed["content"]["resumed"] is True
+        assert (resumed["seq"], after["seq"]) == (seq + 1, seq + 2)
+
+
+async def test_frames_the_old_holder_adds_during_a_resume_are_replayed_then_numbered_after(
+    redis: dict[str, str],
+) -> None:
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two), ws(one) as old:
+        init = (await request(old, "i1", "init", {}))["content"]
+        session = init["sessionId"]
+        (conn,) = one.connections()
+        last_seq = conn.session.seq
+        await until(lambda: flushed(one), "never flushed")
+        real = broker(two)._since
+        raced = False
+
+        async def racing_since(session_id: str, seq: int) -> Any:
+            nonlocal raced
+            if not raced:  # the old holder is quicker than this read
+                raced = True
+                one.send(conn.id, "system", {"event": "late-1"})
+                one.send(conn.id, "system", {"event": "late-2"})
+                await until(lambda: flushed(one), "never flushed")
+            return await real(session_id, seq)
+
+        broker(two)._since = racing_since  # type: ignore[method-assign]
+        async with ws(two) as new:
+            resume = {"sessionId": session, "lastSeq": last_seq, "epoch": init["epoch"]}
+            await send(new, "i2", "init", resume)
+            resumed, replayed = await answer(new, "i2")
+            seqs = [f["seq"] for f in replayed] + [resumed["seq"]]
+            seqs.append((await request(new, "p", "ping", {}))["seq"])
+        assert seqs == list(range(last_seq + 1, last_seq + 5)), seqs
+
+
+async def test_a_late_takeover_does_not_close_a_session_resumed_back_here(
+    redis: dict[str, str],
+) -> None:
+    """Client: 1 -> 2 -> back to 1 quickly; 1 hears of 2's takeover only after it resumed
+    the session again: Redis names 1 the holder, so 1 ignores the late message."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two):
+        async with ws(one) as c:
+            init = (await request(c, "i1", "init", {}))["content"]
+            seq = (await request(c, "a", "count", {}))["seq"]
+        session = init["sessionId"]
+        await until(lambda: session in broker(one)._detached, "not detached")
+        held: list[tuple[str, bytes]] = []
+        real = hold_takeovers(one, held)
+        async with ws(two) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            seq = (await request(c, "i2", "init", resume))["seq"]
+        await until(lambda: bool(held) and flushed(two), "no takeover")
+        broker(one)._on_control = real  # type: ignore[method-assign]
+        async with ws(one) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            assert (await request(c, "i3", "init", resume))["content"]["resumed"] is True
+            for channel, data in held:  # the reader gets to it now
+                await real(channel, data)
+            reply = await request(c, "p", "ping", {})
+            assert reply["type"] == "pong" and session in one.hub.sessions
+        assert broker(one).counters.get("takeover_late") == 1

@@ -178,7 +178,6 @@ class Plugin:
         if room not in self.joined.get(session.id, ()):
             raise BackchannelError(ErrorCode.FORBIDDEN, "join the room before publishing to it")
         _require(connection, "publish", room)
-        request = f"{session.id}:{message.id}"
         body = {
             "from": session.principal_id,
             "text": message.content["text"],
@@ -191,12 +190,13 @@ class Plugin:
                 body,
                 history_size=self.history_size,
                 history_ttl=self.history_ttl,
-                dedupe=request,
+                # a retry: same session (or the one its client failed to resume), id, bytes
+                dedupe=f"{session.origin}:{message.id}:{message.digest}",
             )
         except BackchannelError:
             # Answered with an error, but the outcome may be unknown (Redis may still run
             # a publish that timed out): should the message land, its sender gets it too.
-            self.unconfirmed[request] = None
+            self.unconfirmed[f"{session.id}:{message.id}"] = None
             if len(self.unconfirmed) > _UNCONFIRMED_MAX:
                 del self.unconfirmed[next(iter(self.unconfirmed))]
             raise
