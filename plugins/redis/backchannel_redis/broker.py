@@ -62,8 +62,12 @@ def _text(value: Any) -> str:
 
 
 class _Unavailable(BackchannelError):
-    def __init__(self, why: str) -> None:
-        super().__init__(ErrorCode.OVERLOADED, f"the broker is unavailable ({why}); retry later")
+    def __init__(self, why: str, *, maybe_done: bool = False) -> None:
+        if maybe_done:  # sent, not confirmed: a room message then reaches its sender too
+            text = f"the broker did not confirm in time ({why}); it may still take effect"
+        else:
+            text = f"the broker is unavailable ({why})"
+        super().__init__(ErrorCode.OVERLOADED, f"{text}; retry later")
 
 
 @dataclass(eq=False)
@@ -202,6 +206,8 @@ class RedisBroker:
         # rooms and presence
         self._rooms: dict[str, _Room] = {}
         self._present: dict[str, set[tuple[str, str]]] = {}
+        #: presence removed while Redis was away: (room, member, key), removed once it is back
+        self._absent: set[tuple[str, str, str]] = set()
         # control messages: (instance or None for all, encoded message), published in order
         self._tells: deque[tuple[str | None, bytes]] = deque()
         self._control: ControlListener | None = None
@@ -289,7 +295,7 @@ class RedisBroker:
                 return await request
         except _UNREACHABLE as exc:
             self._set_ready(False, f"{type(exc).__name__}: {exc}")
-            raise _Unavailable(type(exc).__name__) from exc
+            raise _Unavailable(type(exc).__name__, maybe_done=True) from exc
 
     # ------------------------------------------------------------ lifecycle
 
@@ -943,15 +949,22 @@ class RedisBroker:
         return bool(added)
 
     async def presence_remove(self, room: str, member: str, key: str) -> bool:
-        self._need_ready()
-        gone = await self._call(
-            self._s["PRESENCE_REMOVE"](self._presence_keys(room), [self.instance, member, key])
-        )
+        """Remove now, or, while Redis is away, as soon as it is back (this instance's
+        heartbeat would otherwise keep the entry counting); False then: who can say."""
         entries = self._present.get(room)
         if entries is not None:
             entries.discard((member, key))
             if not entries:
                 del self._present[room]
+        try:
+            self._need_ready()
+            gone = await self._call(
+                self._s["PRESENCE_REMOVE"](self._presence_keys(room), [self.instance, member, key])
+            )
+        except BackchannelError:
+            self._absent.add((room, member, key))
+            self._count("presence_remove_deferred")
+            return False
         return bool(gone)
 
     async def presence(self, room: str) -> list[str]:
@@ -967,13 +980,25 @@ class RedisBroker:
         )
 
     async def _reassert_presence(self) -> None:
-        """After Redis was away (maybe restarted empty), put this instance's presence back."""
-        if not self._present:
+        """After Redis was away (maybe restarted empty), put this instance's presence back
+        and take out what left meanwhile."""
+        if not self._present and not self._absent:
             return
         ttl = int(self.presence_ttl * 1000)
-        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-            for room, entries in self._present.items():
-                for member, key in entries:
-                    self._s["PRESENCE_ADD"](
-                        self._presence_keys(room), [self.instance, member, key, ttl], client=pipe
+        absent, self._absent = self._absent, set()
+        try:
+            async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+                for room, member, key in absent:
+                    self._s["PRESENCE_REMOVE"](
+                        self._presence_keys(room), [self.instance, member, key], client=pipe
                     )
+                for room, entries in self._present.items():
+                    for member, key in entries:
+                        self._s["PRESENCE_ADD"](
+                            self._presence_keys(room),
+                            [self.instance, member, key, ttl],
+                            client=pipe,
+                        )
+        except BaseException:
+            self._absent |= absent  # the next recovery tries again
+            raise
