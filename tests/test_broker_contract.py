@@ -369,6 +369,26 @@ async def test_a_retried_publish_returns_the_first_and_posts_nothing(broker: Bro
     assert [m["offset"] for m in await heard.wait_for(6)] == [1, 2, 3, 4, 5, 6]
 
 
+async def test_control_messages_reach_the_process_told_in_order(broker: Broker) -> None:
+    """``tell`` to this process's own instance reaches its listener, in the order told;
+    a message for every *other* process does not come back to this one."""
+    told: list[dict[str, Any]] = []
+    broker.on_control(told.append)
+    broker.tell(None, {"op": "test.everyone"})
+    for n in range(3):
+        broker.tell(broker.instance, {"op": "test.self", "n": n})
+
+    async def probe() -> int:
+        return len(told)
+
+    await until(probe, lambda count: count >= 3)
+    assert [(m["op"], m["n"]) for m in told] == [
+        ("test.self", 0),
+        ("test.self", 1),
+        ("test.self", 2),
+    ]
+
+
 async def test_listeners_get_every_message_once_in_offset_order(broker: Broker) -> None:
     one, two = Collector(), Collector()
     broker.subscribe("lobby", one)

@@ -309,6 +309,7 @@ class RedisBroker:
         self._wake = anyio.Event()
         self._flush_done = anyio.Event()
         self._told = anyio.Event()
+        self._listening = anyio.Event()  # control channels subscribed (once)
         events = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
         self._events_in: MemoryObjectSendStream[tuple[str, Any]] = events[0]
         self._events: MemoryObjectReceiveStream[tuple[str, Any]] = events[1]
@@ -337,6 +338,9 @@ class RedisBroker:
         self._tasks.start_soon(self._flusher)
         self._tasks.start_soon(self._reader)
         self._tasks.start_soon(self._teller)
+        if self._ready:  # from now on, messages told to this instance reach it (bounded)
+            with anyio.move_on_after(self.timeout * 2):
+                await self._listening.wait()
 
     async def stop(self) -> None:
         """Flush what is buffered (bounded), withdraw this instance's presence, disconnect."""
@@ -806,6 +810,7 @@ class RedisBroker:
                         control = [self._control_channel(i) for i in (self.instance, None)]
                         await pubsub.subscribe(*control)
                         channels.update(control)
+                        self._listening.set()
                         for state in list(self._rooms.values()):
                             await self._establish(pubsub, channels, state)
                         delay = self.reconnect_min_delay
