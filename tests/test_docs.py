@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from backchannel import ErrorCode, hookspecs
+from backchannel import App, ErrorCode, hookspecs
 from conftest import ROOT
 
 SCHEMAS = sorted((ROOT / "schemas").glob("*.json"))
@@ -66,3 +68,12 @@ def test_schema_directory_is_not_empty() -> None:
     """The parametrized schema tests above really ran over the contracts."""
     names = {p.name for p in SCHEMAS}
     assert {"envelope.schema.json", "error.schema.json", "config.schema.json"} <= names
+
+
+def test_the_scaling_guide_config_is_valid() -> None:
+    """The configuration docs/scaling.md shows loads, plugins and all (as ``backchannel check``)."""
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    app = App(tomllib.loads(block))
+    assert "redis" in app.config["plugins"]["enabled"]
+    assert app.plugin_config("redis")["key_prefix"] == "chat-prod"
