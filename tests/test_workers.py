@@ -193,6 +193,19 @@ def serve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "backchannel.cli", "serve", "--host", "127.0.0.1", *args]
 
 
+def serve_once(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``serve`` expected to exit by itself (a refusal): its exit code and output."""
+    return subprocess.run(
+        serve_cmd(*args),
+        cwd=ROOT,
+        env=base_env() if env is None else env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=BOUND * 2,
+    )
+
+
 class Supervisor:
     """``backchannel serve --workers N`` running; its stderr (the workers' too) collected."""
 
@@ -342,15 +355,7 @@ def test_serve_on_a_port_taken_exits_2(backend: str) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        done = subprocess.run(
-            serve_cmd("--port", str(port), "--backend", backend),
-            cwd=ROOT,
-            env=base_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=BOUND * 2,
-        )
+        done = serve_once("--port", str(port), "--backend", backend)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("backchannel: cannot listen: ")
     assert "Traceback" not in done.stderr
@@ -360,15 +365,7 @@ def test_refuses_several_workers_with_the_in_memory_broker() -> None:
     """No ``broker`` hook (the redis plugin is not enabled): exit 2, one line naming it,
     and no worker started (nothing listens on the port)."""
     port = free_port()
-    done = subprocess.run(
-        serve_cmd("--workers", "2", "--port", str(port)),
-        cwd=ROOT,
-        env=base_env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=BOUND * 2,
-    )
+    done = serve_once("--workers", "2", "--port", str(port))
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("backchannel: server.workers = 2 needs a shared broker"), line
@@ -384,15 +381,7 @@ def test_refuses_several_workers_on_port_0() -> None:
     env = base_env()
     env["BACKCHANNEL_PLUGINS__ENABLED"] = json.dumps(PLUGINS)
     env["BACKCHANNEL_SERVER__WORKERS"] = "3"
-    done = subprocess.run(
-        serve_cmd("--port", "0"),
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=BOUND * 2,
-    )
+    done = serve_once("--port", "0", env=env)
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("backchannel: server.workers = 3 needs a fixed port"), line

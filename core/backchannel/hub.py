@@ -723,17 +723,10 @@ class Connection:
         self.hub.retries += 1
         frame, digest = answered
         differs = digest != message.digest
-        if not frame:  # answered, but the answer left the outbox: never run it twice
-            self.send_error(
-                message.id,
-                BackchannelError(
-                    ErrorCode.INVALID_ENVELOPE,
-                    "this request id was already answered and its answer is no longer kept",
-                ),
-            )
-            return
-        original = decode(frame)
-        if original.get("replyTo") != message.id:  # its seq was reused (a takeover trimmed it)
+        # The answer left the outbox, or its seq was reused (a takeover trimmed it): the
+        # request was answered, so it must never run twice either way.
+        original = decode(frame) if frame else None
+        if original is None or original.get("replyTo") != message.id:
             self.send_error(
                 message.id,
                 BackchannelError(

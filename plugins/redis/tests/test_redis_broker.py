@@ -674,6 +674,16 @@ def flushed(app: App) -> bool:
     return broker(app)._flushed >= broker(app)._queued
 
 
+async def leave_a_session(app: App) -> tuple[dict[str, Any], int]:
+    """A client starts a session on ``app``, gets a frame and leaves: the session waits
+    there, detached. Returns the init answer and the last seq the client saw."""
+    async with ws(app) as c:
+        init: dict[str, Any] = (await request(c, "i1", "init", {}))["content"]
+        seq: int = (await request(c, "a", "count", {}))["seq"]
+    await until(lambda: init["sessionId"] in broker(app)._detached, "not detached")
+    return init, seq
+
+
 def hold_takeovers(app: App, held: list[tuple[str, bytes]] | None) -> Callable[..., Any]:
     """Make instance ``app`` miss takeover messages (keep them in ``held`` if given), as
     when its pub/sub connection drops at that moment; returns the real handler."""
@@ -696,11 +706,8 @@ async def test_a_resume_back_on_an_instance_that_missed_the_takeover_numbers_aft
     resumes back on 1: 1 sees its copy is stale and numbers after what 2 sent."""
     one, two = new_app(redis), new_app(redis)
     async with serving(one), serving(two):
-        async with ws(one) as c:
-            init = (await request(c, "i1", "init", {}))["content"]
-            seq = (await request(c, "a", "count", {}))["seq"]
+        init, seq = await leave_a_session(one)
         session = init["sessionId"]
-        await until(lambda: session in broker(one)._detached, "not detached")
         hold_takeovers(one, None)
         async with ws(two) as c:
             resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
@@ -755,11 +762,8 @@ async def test_a_late_takeover_does_not_close_a_session_resumed_back_here(
     the session again: Redis names 1 the holder, so 1 ignores the late message."""
     one, two = new_app(redis), new_app(redis)
     async with serving(one), serving(two):
-        async with ws(one) as c:
-            init = (await request(c, "i1", "init", {}))["content"]
-            seq = (await request(c, "a", "count", {}))["seq"]
+        init, seq = await leave_a_session(one)
         session = init["sessionId"]
-        await until(lambda: session in broker(one)._detached, "not detached")
         held: list[tuple[str, bytes]] = []
         real = hold_takeovers(one, held)
         async with ws(two) as c:
