@@ -506,7 +506,8 @@ class Connection:
             self.app.hooks.notify("connection_removed", connection=self, code=code)
             if self.session.id in hub.released:  # taken over by another process
                 hub.released.discard(self.session.id)
-                self.app.hooks.notify("session_expired", session=self.session)
+                if self.session.id not in hub.sessions:  # (not resumed here again since)
+                    self.app.hooks.notify("session_expired", session=self.session)
 
     def _detach(self) -> None:
         session = self.session

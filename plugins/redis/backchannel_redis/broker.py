@@ -62,7 +62,12 @@ def _text(value: Any) -> str:
 
 
 class _Unavailable(BackchannelError):
+    #: True when the request was sent but not confirmed (callers such as the rooms plugin
+    #: read it with ``getattr(exc, "maybe_done", False)``)
+    maybe_done: bool
+
     def __init__(self, why: str, *, maybe_done: bool = False) -> None:
+        self.maybe_done = maybe_done
         if maybe_done:  # sent, not confirmed: a room message then reaches its sender too
             text = f"the broker did not confirm in time ({why}); it may still take effect"
         else:
@@ -208,6 +213,8 @@ class RedisBroker:
         self._present: dict[str, set[tuple[str, str]]] = {}
         #: presence removed while Redis was away: (room, member, key), removed once it is back
         self._absent: set[tuple[str, str, str]] = set()
+        #: session id -> write id of this instance's latest ATTACH of it
+        self._attaching: dict[str, int] = {}
         # control messages: (instance or None for all, encoded message), published in order
         self._tells: deque[tuple[str | None, bytes]] = deque()
         self._control: ControlListener | None = None
@@ -288,14 +295,15 @@ class RedisBroker:
             raise _Unavailable("not started")
         return self._client
 
-    async def _call(self, request: Awaitable[Any]) -> Any:
-        """Await one Redis request within the timeout; unreachable Redis → ``overloaded``."""
+    async def _call(self, request: Awaitable[Any], *, write: bool = False) -> Any:
+        """Await one Redis request within the timeout; unreachable Redis → ``overloaded``
+        (for a ``write``, one that may still take effect: it was sent, not confirmed)."""
         try:
             with anyio.fail_after(self.timeout * 2):
                 return await request
         except _UNREACHABLE as exc:
             self._set_ready(False, f"{type(exc).__name__}: {exc}")
-            raise _Unavailable(type(exc).__name__, maybe_done=True) from exc
+            raise _Unavailable(type(exc).__name__, maybe_done=write) from exc
 
     # ------------------------------------------------------------ lifecycle
 
@@ -543,6 +551,9 @@ class RedisBroker:
         if not meta or b"p" not in meta:
             return None
         entry = self._logs.get(session_id)
+        if entry is not None and meta.get(b"o") != self.instance.encode():
+            entry = None  # another instance took it over (the takeover message was lost)
+            self._let_go_here(session_id)
         if entry is None:  # held by another instance (or by none, after a crash)
             entry = _SessionLog(self, session_id)
             for request_id, value in answers.items():
@@ -555,6 +566,7 @@ class RedisBroker:
             return
         expiry = math.ceil((time.time() + ttl) * 1000)
         self._attached.discard(session_id)
+        self._attaching.pop(session_id, None)
         self._detached[session_id] = expiry
         self._write(session_id, _DETACH, expiry)
 
@@ -564,11 +576,10 @@ class RedisBroker:
         if session_id not in self._logs:  # resumed here from another instance
             self._logs[session_id] = _SessionLog(self, session_id)
         self._write(session_id, _ATTACH, last_seq)
+        self._attaching[session_id] = self._queued
 
     def drop_session(self, session_id: str) -> None:
-        self._logs.pop(session_id, None)
-        self._attached.discard(session_id)
-        self._detached.pop(session_id, None)
+        self._let_go_here(session_id)
         self._write(session_id, _DROP)
 
     def expired_sessions(self) -> list[str]:
@@ -577,8 +588,7 @@ class RedisBroker:
         now = time.time() * 1000
         gone = [sid for sid, expiry in self._detached.items() if now > expiry + 1]
         for session_id in gone:
-            del self._detached[session_id]
-            self._logs.pop(session_id, None)
+            self._let_go_here(session_id)
         return gone
 
     async def _since(self, session_id: str, seq: int) -> list[bytes] | None:
@@ -665,29 +675,45 @@ class RedisBroker:
             message = orjson.loads(data)
             if channel == self._control_channel(None) and message.get("from") == self.instance:
                 return  # this instance's own broadcast: the kernel delivered it here already
-            if message.get("op") == "takeover" and not await self._let_go(message["session"]):
-                return
-            if self._control is not None:
+            if message.get("op") == "takeover":  # may need Redis: not in the reader's way
+                assert self._tasks is not None
+                self._tasks.start_soon(self._take_over, message)
+            elif self._control is not None:
                 self._control(message)
         except Exception:
             self._count("control_errors")
             log.exception("control message failed: %r", bytes(data[:200]))
 
-    async def _let_go(self, session_id: str) -> bool:
-        """A takeover: stop holding the session here, unless this instance holds it again
-        (it resumed here after the other instance took it: the message is late)."""
+    async def _take_over(self, message: dict[str, Any]) -> None:
+        """Another instance attached a session held here: let go of it, unless this
+        instance resumed it again since (the message is late, or this one's ATTACH is
+        still on its way): then Redis names this instance the holder."""
+        session_id = message["session"]
         try:
-            await self._barrier()  # this instance's own ATTACH, if queued, reaches Redis first
-            owner = await self._call(self._redis.hget(self._session_keys(session_id)[0], "o"))
+            if self._flushed < self._attaching.get(session_id, 0):
+                owner: Any = self.instance.encode()  # this one's ATTACH lands after theirs
+            else:
+                meta_key = self._session_keys(session_id)[0]
+                owner = await self._call(self._redis.hget(meta_key, "o"))
         except BackchannelError:
-            owner = None  # Redis cannot say: the other instance's attach is the news
+            owner = None  # Redis cannot say now: the other instance's attach is the news
         if owner is not None and _text(owner) == self.instance:
             self._count("takeover_late")
-            return False
+            return
+        self._let_go_here(session_id)
+        if self._control is not None:
+            try:
+                self._control(message)
+            except Exception:
+                self._count("control_errors")
+                log.exception("takeover of session %s failed", session_id)
+
+    def _let_go_here(self, session_id: str) -> None:
+        """Forget a session another instance holds now (it writes nothing more here)."""
         self._logs.pop(session_id, None)
         self._attached.discard(session_id)
         self._detached.pop(session_id, None)
-        return True
+        self._attaching.pop(session_id, None)
 
     # ------------------------------------------------------------------ rooms
 
@@ -732,7 +758,8 @@ class RedisBroker:
                         publish_id,
                         dedupe or "",
                     ],
-                )
+                ),
+                write=True,
             )
             offset, epoch = reply[0], reply[1]
             if len(reply) > 2:  # a retry of a publish: nothing was published now
@@ -987,9 +1014,13 @@ class RedisBroker:
     async def _reassert_presence(self) -> None:
         """After Redis was away (maybe restarted empty), put this instance's presence back
         and take out what left meanwhile."""
-        if not self._present and not self._absent:
-            return
         ttl = int(self.presence_ttl * 1000)
+        while self._present or self._absent:
+            await self._restore_presence(ttl)
+            if not self._absent:  # nothing left meanwhile
+                return
+
+    async def _restore_presence(self, ttl: int) -> None:
         absent, self._absent = self._absent, set()
         try:
             async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:

@@ -779,3 +779,48 @@ async def test_a_late_takeover_does_not_close_a_session_resumed_back_here(
             reply = await request(c, "p", "ping", {})
             assert reply["type"] == "pong" and session in one.hub.sessions
         assert broker(one).counters.get("takeover_late") == 1
+
+
+@pytest.mark.parametrize("lose_takeover", [False, True], ids=["told", "takeover-lost"])
+async def test_a_request_answered_on_another_instance_never_runs_again_here(
+    redis: dict[str, str], lose_takeover: bool
+) -> None:
+    """1 -> 2 (which answers x; the client misses the answer) -> back to 1, whether or not
+    1 heard of the takeover: the retry of x gets 2's answer, x does not run on 1."""
+    one, two = new_app(redis), new_app(redis)
+    async with serving(one), serving(two):
+        init, seq = await leave_a_session(one)
+        session = init["sessionId"]
+        if lose_takeover:
+            hold_takeovers(one, None)
+        async with ws(two) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            seq = (await request(c, "i2", "init", resume))["seq"]
+            assert (await request(c, "x", "count", {}))["content"] == {"n": 1}
+        await until(lambda: flushed(two), "two never flushed")
+        async with ws(one) as c:
+            resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
+            assert (await request(c, "i3", "init", resume))["content"]["resumed"] is True
+            retry = await request(c, "x", "count", {})
+        assert retry["content"] == {"n": 1}
+        assert (one.count["n"], two.count["n"]) == (1, 1)  # type: ignore[attr-defined]
+
+
+async def test_a_leave_handled_while_the_join_reads_leaves_no_trace(
+    redis: dict[str, str],
+) -> None:
+    """With several requests in flight, a leave can finish while its join still reads the
+    room's position: the join then neither adds presence nor keeps replay state."""
+    one = new_app(redis)
+    async with serving(one), ws(one) as c:
+        await request(c, "i", "init", {})
+        await send(c, "j1", "join", {"room": "lobby"})
+        await send(c, "l1", "leave", {"room": "lobby"})
+        replies: dict[str, dict[str, Any]] = {}
+        while len(replies) < 2:
+            frame = await recv(c)
+            if frame.get("replyTo") in ("j1", "l1"):
+                replies[frame["replyTo"]] = frame
+        assert {f["type"] for f in replies.values()} == {"join", "ack"}, replies
+        assert rooms(one).replayed == {} and rooms(one).joined == {}
+        assert await broker(one).presence("lobby") == []

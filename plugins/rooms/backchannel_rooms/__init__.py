@@ -60,13 +60,14 @@ class Plugin:
         #: session id -> rooms it is a member of.
         self.joined: dict[str, set[str]] = {}
         self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
-        #: (session id, room) of a join reading its position -> live messages held meanwhile
-        self.joining: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        #: (session id, room) -> (offset, epoch) its join replayed up to, until the broker's
+        # Per room, so a room without joins in progress costs the fan-out nothing:
+        #: room -> session id of a join reading its position -> live messages held meanwhile
+        self.joining: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        #: room -> session id -> (offset, epoch) its join replayed up to, until the broker's
         #: delivery passes it (a new subscription may deliver what the replay held)
-        self.replayed: dict[tuple[str, str], tuple[int, str]] = {}
-        #: room -> offset of the last message delivered to its members here
-        self.delivered: dict[str, int] = {}
+        self.replayed: dict[str, dict[str, tuple[int, str]]] = {}
+        #: room -> (offset, epoch) of the last message delivered to its members here
+        self.delivered: dict[str, tuple[int, str]] = {}
         #: "session:request" of publishes answered with an error (oldest first)
         self.unconfirmed: dict[str, None] = {}
 
@@ -124,10 +125,9 @@ class Plugin:
         since = message.content.get("since")
         # Live messages reach a member from here on, while its position (and replay) is
         # read: hold them, so none arrives before the replay nor twice.
-        key = (session.id, room)
         held: list[dict[str, Any]] = []
-        if key not in self.joining:
-            self.joining[key] = held
+        joining = self.joining.setdefault(room, {})
+        joining.setdefault(session.id, held)
         self._add_member(room, session.id)
         reply: dict[str, Any] = {"room": room}
         offset, epoch = -1, ""
@@ -143,15 +143,19 @@ class Plugin:
             else:
                 _, offset, epoch = await broker.room_since(room, 0, "")
         finally:
-            if self.joining.get(key) is held:
-                del self.joining[key]
+            if joining.get(session.id) is held:
+                del joining[session.id]
+                if not joining:
+                    self.joining.pop(room, None)
             for stored in held:  # published after the position read
                 if stored["offset"] > offset or stored["epoch"] != epoch:
                     session.send("text", _public(stored))
                     offset, epoch = stored["offset"], stored["epoch"]
-        if self.delivered.get(room, 0) < offset:
-            self.replayed[key] = (offset, epoch)
-        await self._present(room, connection)
+        if room in self.joined.get(session.id, ()):  # not left while the position was read
+            last = self.delivered.get(room)
+            if last is None or last[1] != epoch or last[0] < offset:
+                self.replayed.setdefault(room, {})[session.id] = (offset, epoch)
+            await self._present(room, connection)
         reply.update(members=await broker.presence(room), offset=offset, epoch=epoch)
         return reply
 
@@ -193,12 +197,13 @@ class Plugin:
                 # a retry: same session (or the one its client failed to resume), id, bytes
                 dedupe=f"{session.origin}:{message.id}:{message.digest}",
             )
-        except BackchannelError:
-            # Answered with an error, but the outcome may be unknown (Redis may still run
-            # a publish that timed out): should the message land, its sender gets it too.
-            self.unconfirmed[f"{session.id}:{message.id}"] = None
-            if len(self.unconfirmed) > _UNCONFIRMED_MAX:
-                del self.unconfirmed[next(iter(self.unconfirmed))]
+        except BackchannelError as exc:
+            # Answered with an error whose outcome is unknown (a networked broker sent it
+            # but did not hear back: ``maybe_done``): should it land, its sender gets it too.
+            if getattr(exc, "maybe_done", False):
+                self.unconfirmed[f"{session.id}:{message.id}"] = None
+                if len(self.unconfirmed) > _UNCONFIRMED_MAX:
+                    del self.unconfirmed[next(iter(self.unconfirmed))]
             raise
         return _public(stored)
 
@@ -219,7 +224,11 @@ class Plugin:
             rooms.discard(room)
             if not rooms:
                 del self.joined[session_id]
-        self.replayed.pop((session_id, room), None)
+        skip = self.replayed.get(room)
+        if skip is not None:
+            skip.pop(session_id, None)
+            if not skip:
+                del self.replayed[room]
         members = self.members.get(room)
         if members is None:
             return
@@ -242,19 +251,22 @@ class Plugin:
             if request in self.unconfirmed:
                 del self.unconfirmed[request]
                 sender = None
-        self.delivered[room] = stored["offset"]
-        joining, replayed = self.joining, self.replayed
+        self.delivered[room] = (stored["offset"], stored["epoch"])
+        joining = self.joining.get(room)
+        skip = self.replayed.get(room)
         for session_id in list(self.members.get(room, ())):
             if session_id == sender:
                 continue
-            if joining and (session_id, room) in joining:
-                joining[session_id, room].append(stored)
+            if joining is not None and session_id in joining:
+                joining[session_id].append(stored)
                 continue
-            if replayed and (session_id, room) in replayed:
-                offset, epoch = replayed[session_id, room]
+            if skip is not None and session_id in skip:
+                offset, epoch = skip[session_id]
                 if stored["offset"] <= offset and stored["epoch"] == epoch:
                     continue  # its join's replay had it
-                del replayed[session_id, room]
+                del skip[session_id]
+                if not skip:
+                    del self.replayed[room]
             session = sessions.get(session_id)
             if session is not None:
                 session.send("text", content)
