@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from collections import deque
@@ -344,6 +345,8 @@ class AnyioDriver(_DriverBase):
         self._handshaken = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._pending_http: HttpRequest | None = None
+        #: the reader's scope once open: a closing handshake gives it close_timeout
+        self._read_scope: anyio.CancelScope | None = None
 
     def _opened(self, request: HttpRequest) -> None:
         group = self._server_group
@@ -359,6 +362,14 @@ class AnyioDriver(_DriverBase):
         for chunk in self.wire.data_to_send():
             self._out.append(chunk)
         self._wake.set()
+        self._arm_close_timeout()
+
+    def _arm_close_timeout(self) -> None:
+        """Once a closing handshake started (either side), the peer has close_timeout to
+        finish it: a vanished peer would otherwise keep the reader waiting for ever."""
+        scope = self._read_scope
+        if scope is not None and scope.deadline == math.inf and self.wire.close_expected():
+            scope.deadline = anyio.current_time() + self.options.close_timeout
 
     async def _writer(self) -> None:
         stream = self.stream
@@ -406,14 +417,11 @@ class AnyioDriver(_DriverBase):
             response = await _route(self.options, self._pending_http)
             self.wire.respond(response)
             self._flush()
-        while not self.wire.is_closed:
-            if self.wire.close_expected():
-                with anyio.move_on_after(self.options.close_timeout):
-                    await self._read_once()
-                    continue
-                return
-            if not await self._read_once():
-                return
+        with anyio.CancelScope() as self._read_scope:
+            self._arm_close_timeout()
+            while not self.wire.is_closed:
+                if not await self._read_once():
+                    return
 
     async def _read_once(self) -> bool:
         try:
