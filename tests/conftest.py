@@ -12,9 +12,9 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
-import sniffio
 
 from backchannel import App
+from backchannel.testing import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = ["init", "text", "ping", "system", "validation", "rooms"]
@@ -98,19 +98,8 @@ class WsClient:
 @asynccontextmanager
 async def ws_connect(port: int, path: str = "/ws", **kwargs: Any) -> AsyncIterator[WsClient]:
     """Connect with websockets' client for the running backend."""
-    url = f"ws://127.0.0.1:{port}{path}"
-    kwargs.setdefault("subprotocols", ["backchannel.v1"])
-    kwargs.setdefault("max_size", None)
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **kwargs) as ws:
-            yield WsClient(ws)
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **kwargs) as ws:
-            yield WsClient(ws)
+    async with websocket(port, path, **kwargs) as ws:
+        yield WsClient(ws)
 
 
 def make_app(config: dict[str, Any] | None = None, plugins: list[Any] | None = None) -> App:

@@ -9,7 +9,8 @@ it in memory::
         assert reply["content"]["text"] == "hi"
 
 Everything runs through the same pipeline as a real connection; only the bytes
-are skipped. Real-socket tests still belong where a client looks.
+are skipped. Real-socket tests still belong where a client looks:
+:func:`websocket` opens one to a serving App on whichever loop the test runs.
 """
 
 from __future__ import annotations
@@ -23,13 +24,33 @@ from typing import Any
 import anyio
 import anyio.abc
 import orjson
+import sniffio
 
 from .app import App
 from .http import HttpRequest
 from .hub import Connection
 from .runtime import AnyioRuntime
 
-__all__ = ["MemoryClient", "connect", "serve_in_memory"]
+__all__ = ["MemoryClient", "connect", "serve_in_memory", "websocket"]
+
+
+@asynccontextmanager
+async def websocket(port: int, path: str = "/ws", **options: Any) -> AsyncIterator[Any]:
+    """A real WebSocket to ``127.0.0.1:port`` with websockets' client for the running
+    loop (asyncio or Trio), offering ``backchannel.v1``, no message size limit."""
+    url = f"ws://127.0.0.1:{port}{path}"
+    options.setdefault("subprotocols", ["backchannel.v1"])
+    options.setdefault("max_size", None)
+    if sniffio.current_async_library() == "trio":
+        from websockets.trio.client import connect as trio_connect
+
+        async with trio_connect(url, **options) as sock:
+            yield sock
+    else:
+        from websockets.asyncio.client import connect as asyncio_connect
+
+        async with asyncio_connect(url, **options) as sock:
+            yield sock
 
 
 @asynccontextmanager

@@ -22,14 +22,13 @@ from typing import Any
 
 import anyio
 import pytest
-import sniffio
 from backchannel_monitoring import Plugin as Monitoring
 from backchannel_monitoring.stats import Stats, _Timed, quantile
 from prometheus_client.parser import text_string_to_metric_families
 
 from backchannel import App, BackchannelError, ErrorCode, StartupError, hookimpl
 from backchannel.memory import MemoryBroker
-from backchannel.testing import connect, serve_in_memory
+from backchannel.testing import connect, serve_in_memory, websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -84,17 +83,8 @@ class Ws:
 
 @asynccontextmanager
 async def ws_connect(port: int) -> AsyncIterator[Ws]:
-    url = f"ws://127.0.0.1:{port}/ws"
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, subprotocols=["backchannel.v1"]) as ws:
-            yield Ws(ws)
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, subprotocols=["backchannel.v1"]) as ws:
-            yield Ws(ws)
+    async with websocket(port) as ws:
+        yield Ws(ws)
 
 
 async def http_get(

@@ -20,12 +20,11 @@ from typing import Any
 
 import anyio
 import pytest
-import sniffio
 from backchannel_ratelimit import Plugin as RateLimit
 from backchannel_ratelimit import client_ip, ip_key
 
 from backchannel import App, Connection, Principal, Reject, hookimpl
-from backchannel.testing import connect, serve_in_memory
+from backchannel.testing import connect, serve_in_memory, websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -113,22 +112,9 @@ class Client:
 @asynccontextmanager
 async def ws(port: int, **headers: str) -> AsyncIterator[Client]:
     """websockets' client for the running backend; ``x_user="a"`` sends ``x-user: a``."""
-    url = f"ws://127.0.0.1:{port}/ws"
-    options: dict[str, Any] = {
-        "subprotocols": ["backchannel.v1"],
-        "max_size": None,
-        "additional_headers": {k.replace("_", "-"): v for k, v in headers.items()},
-    }
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **options) as sock:
-            yield Client(sock)
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **options) as sock:
-            yield Client(sock)
+    extra = {k.replace("_", "-"): v for k, v in headers.items()}
+    async with websocket(port, additional_headers=extra) as sock:
+        yield Client(sock)
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:

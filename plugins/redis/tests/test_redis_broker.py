@@ -23,11 +23,11 @@ import anyio
 import anyio.abc
 import coredis
 import pytest
-import sniffio
 from backchannel_redis import RedisBroker
 from backchannel_redis.testing import delete_keys, fresh_prefix, require_redis
 
 from backchannel import App
+from backchannel.testing import websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -92,19 +92,9 @@ async def serving(app: App) -> AsyncIterator[App]:
 
 @asynccontextmanager
 async def ws(app: App) -> AsyncIterator[Any]:
-    """A real WebSocket client (websockets' asyncio or trio client, by backend)."""
-    url = f"ws://127.0.0.1:{app.port}/ws"
-    options: dict[str, Any] = {"subprotocols": ["backchannel.v1"], "max_size": None}
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **options) as sock:
-            yield sock
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **options) as sock:
-            yield sock
+    """A real WebSocket client to ``app`` (websockets' asyncio or trio client, by backend)."""
+    async with websocket(app.port or 0) as sock:
+        yield sock
 
 
 async def send(sock: Any, ident: str, type: str, content: dict[str, Any]) -> None:

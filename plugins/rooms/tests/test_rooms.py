@@ -15,12 +15,11 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
-import sniffio
 from backchannel_rooms import Plugin as Rooms
 
 from backchannel import App, Connection, Principal, hookimpl
 from backchannel.contracts import load_schema
-from backchannel.testing import MemoryClient, connect, serve_in_memory
+from backchannel.testing import MemoryClient, connect, serve_in_memory, websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -391,18 +390,8 @@ async def test_join_with_since_history_cannot_cover_is_not_recovered(
 @asynccontextmanager
 async def ws(port: int) -> AsyncIterator[Any]:
     """A real WebSocket client (websockets' asyncio or trio client, by backend)."""
-    url = f"ws://127.0.0.1:{port}/ws"
-    options: dict[str, Any] = {"subprotocols": ["backchannel.v1"], "max_size": None}
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **options) as sock:
-            yield sock
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **options) as sock:
-            yield sock
+    async with websocket(port) as sock:
+        yield sock
 
 
 async def send(sock: Any, ident: str, type: str, content: dict[str, Any]) -> None:
