@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import coredis
@@ -73,6 +73,34 @@ class _Unavailable(BackchannelError):
         else:
             text = f"the broker is unavailable ({why})"
         super().__init__(ErrorCode.OVERLOADED, f"{text}; retry later")
+
+
+T = TypeVar("T")
+
+
+class _Backlog(Generic[T]):
+    """What the per-message path hands a background sender: ``put`` is sync and
+    bounded (the oldest item makes room), the sender waits for items."""
+
+    __slots__ = ("items", "limit", "_more")
+
+    def __init__(self, limit: int) -> None:
+        self.items: deque[T] = deque()
+        self.limit = limit
+        self._more: anyio.Event | None = None
+
+    def put(self, item: T) -> T | None:
+        """Queue ``item``; returns the oldest item if it was dropped to make room."""
+        dropped = self.items.popleft() if len(self.items) >= self.limit else None
+        self.items.append(item)
+        if self._more is not None:
+            self._more.set()
+        return dropped
+
+    async def wait(self) -> None:
+        while not self.items:
+            self._more = anyio.Event()
+            await self._more.wait()
 
 
 @dataclass(eq=False)
@@ -197,7 +225,6 @@ class RedisBroker:
         self._s: dict[str, Script[bytes]] = {}
         # made in start() (they belong to the running event loop)
         self._up: anyio.Event  # set while ready
-        self._wake: anyio.Event  # a write was queued
         self._flush_done: anyio.Event  # a flush finished
         self._publish_ids = count(1)
         # sessions
@@ -205,7 +232,7 @@ class RedisBroker:
         self._attached: set[str] = set()
         self._detached: dict[str, int] = {}  # session id -> expiry (unix ms)
         # buffered writes: (write id, session id, kind, a, b)
-        self._writes: deque[tuple[int, str, int, Any, Any]] = deque()
+        self._writes: _Backlog[tuple[int, str, int, Any, Any]] = _Backlog(max_buffered_writes)
         self._queued = 0
         self._flushed = 0
         # rooms and presence
@@ -216,7 +243,7 @@ class RedisBroker:
         #: session id -> write id of this instance's latest ATTACH of it
         self._attaching: dict[str, int] = {}
         # control messages: (instance or None for all, encoded message), published in order
-        self._tells: deque[tuple[str | None, bytes]] = deque()
+        self._tells: _Backlog[tuple[str | None, bytes]] = _Backlog(max_buffered_writes)
         self._control: ControlListener | None = None
 
     # ----------------------------------------------------------------- keys
@@ -314,9 +341,7 @@ class RedisBroker:
         must be called from the same task (the kernel's ``App.run`` does).
         """
         self._up = anyio.Event()
-        self._wake = anyio.Event()
         self._flush_done = anyio.Event()
-        self._told = anyio.Event()
         self._listening = anyio.Event()  # control channels subscribed (once)
         events = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
         self._events_in: MemoryObjectSendStream[tuple[str, Any]] = events[0]
@@ -412,8 +437,9 @@ class RedisBroker:
 
     def _write(self, session_id: str, kind: int, a: Any = None, b: Any = None) -> None:
         """Queue one session write for the flusher (sync: the per-message path)."""
-        if len(self._writes) >= self.max_buffered_writes:
-            dropped = self._writes.popleft()
+        self._queued += 1
+        dropped = self._writes.put((self._queued, session_id, kind, a, b))
+        if dropped is not None:
             self._count_loudly(
                 "dropped_writes",
                 "redis broker write buffer full (%d): dropped a write of session %s "
@@ -421,9 +447,6 @@ class RedisBroker:
                 self.max_buffered_writes,
                 dropped[1],
             )
-        self._queued += 1
-        self._writes.append((self._queued, session_id, kind, a, b))
-        self._wake.set()
 
     async def _barrier(self) -> None:
         """Wait until every write queued so far reached Redis (read your writes)."""
@@ -438,20 +461,14 @@ class RedisBroker:
 
     async def _flusher(self) -> None:
         """Forever: send buffered writes in pipelined batches, in order per session."""
-        writes = self._writes
         while True:
-            if not writes:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                continue
-            if not self._ready:
-                await self._up.wait()
-            batch = [writes.popleft() for _ in range(min(len(writes), _BATCH))]
+            batch = await self._next_batch(self._writes)
             try:
                 with anyio.fail_after(self.timeout * 2):
                     await self._send(batch)
             except _UNREACHABLE as exc:
-                writes.extendleft(reversed(batch))  # idempotent: sent again once Redis is back
+                # idempotent: sent again once Redis is back
+                self._writes.items.extendleft(reversed(batch))
                 self._set_ready(False, f"flush failed: {type(exc).__name__}: {exc}")
                 continue
             except Exception:
@@ -460,6 +477,14 @@ class RedisBroker:
             self._flushed = max(self._flushed, batch[-1][0])
             done, self._flush_done = self._flush_done, anyio.Event()
             done.set()
+
+    async def _next_batch(self, backlog: _Backlog[T]) -> list[T]:
+        """Wait for queued items and a reachable Redis; take up to ``_BATCH`` of them."""
+        await backlog.wait()
+        if not self._ready:
+            await self._up.wait()
+        items = backlog.items
+        return [items.popleft() for _ in range(min(len(items), _BATCH))]
 
     async def _send(self, batch: list[tuple[int, str, int, Any, Any]]) -> None:
         """One pipeline for a batch: each session's writes as runs of one kind, in order.
@@ -619,16 +644,13 @@ class RedisBroker:
 
     def tell(self, instance: str | None, message: dict[str, Any]) -> None:
         """Queue a control message for the teller (sync: ``app.send`` may call it)."""
-        if len(self._tells) >= self.max_buffered_writes:
-            self._tells.popleft()
+        told = (instance, orjson.dumps({**message, "from": self.instance}))
+        if self._tells.put(told) is not None:
             self._count_loudly(
                 "control_dropped",
                 "redis broker control buffer full (%d): dropped a control message",
                 self.max_buffered_writes,
             )
-        self._tells.append((instance, orjson.dumps({**message, "from": self.instance})))
-        if self._started:
-            self._told.set()
 
     async def _teller(self) -> None:
         """Forever: publish queued control messages in order, pipelined.
@@ -637,15 +659,8 @@ class RedisBroker:
         is counted, not sent again); a message for an instance nobody listens for
         (it died) is counted and logged.
         """
-        tells = self._tells
         while True:
-            if not tells:
-                await self._told.wait()
-                self._told = anyio.Event()
-                continue
-            if not self._ready:
-                await self._up.wait()
-            batch = [tells.popleft() for _ in range(min(len(tells), _BATCH))]
+            batch = await self._next_batch(self._tells)
             try:
                 with anyio.fail_after(self.timeout * 2):
                     async with self._redis.pipeline(
