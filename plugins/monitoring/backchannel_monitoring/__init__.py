@@ -282,6 +282,7 @@ class Plugin:
         failures: dict[str, dict[str, int]] = {}
         for (hook, plugin), n in app.hooks.failures.items():
             failures.setdefault(plugin, {})[hook] = n
+        health = app.health()
         plugins = [
             {
                 "name": name,
@@ -291,12 +292,12 @@ class Plugin:
                 "failures": failures.get(name, {}),
                 "status": "failing" if name in failing else "ok",
             }
-            for name in app.health()["plugins"]
+            for name in health["plugins"]
         ]
         return json_response(
             {
-                "health": app.health(),
-                "broker": app.metrics()["broker"],
+                "health": health,
+                "broker": {"name": app.broker.name, "ready": app.broker.ready},
                 "interval": self.cfg["interval"],
                 "series": list(self.series),
                 "plugins": plugins,
