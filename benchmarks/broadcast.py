@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 from idle import raise_nofile
-from loadgen import SUBPROTOCOL, cpu_us, percentile, process_tree
+from loadgen import SUBPROTOCOL, cpu_us, join_all, percentile, process_tree, run_fast
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -138,34 +138,13 @@ async def _receiver_main(bc: Broadcast, names: list[str], pipe: Connection) -> N
     """Connect and join all members, then follow the parent's commands (wait/report)."""
     rx = Receiver()
     loop = asyncio.get_running_loop()
-    waiting: dict[str, asyncio.Future[None]] = {}
-
-    def joined(name: str) -> None:
-        fut = waiting.pop(name, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def settled(fut: asyncio.Future[None], task: asyncio.Task[None]) -> None:
-        """Until the member joined, or its task ended (connect failed, closed)."""
-        await asyncio.wait([fut, task], timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
-
-    tasks: list[asyncio.Task[None]] = []
-    pairs: list[tuple[asyncio.Future[None], asyncio.Task[None]]] = []
     began = time.monotonic()
-    for i in range(0, len(names), JOIN_BATCH):
-        for name in names[i : i + JOIN_BATCH]:
-            waiting[name] = fut = loop.create_future()
-            task = asyncio.create_task(_member(bc.url, bc.room, name, bc.warmup, rx, joined))
-            tasks.append(task)
-            pairs.append((fut, task))
-        await asyncio.gather(*(settled(f, t) for f, t in pairs[i:]))
-    failures = []  # one entry per member not in the room: its task ended, or no join answer
-    for fut, task in pairs:
-        if task.done():
-            exc = None if task.cancelled() else task.exception()
-            failures.append(repr(exc)[:200] if exc else "connection ended")
-        elif not fut.done():
-            failures.append(f"not joined after {READY_TIMEOUT:.0f} s")
+    tasks, failures = await join_all(
+        names,
+        lambda name, joined: _member(bc.url, bc.room, name, bc.warmup, rx, joined),
+        JOIN_BATCH,
+        READY_TIMEOUT,
+    )
     ok = len(names) - len(failures)
     pipe.send(("ready", ok, len(failures), failures[:5], time.monotonic() - began))
     while True:
@@ -199,12 +178,7 @@ async def _receiver_main(bc: Broadcast, names: list[str], pipe: Connection) -> N
 
 def _receiver(bc: Broadcast, names: list[str], pipe: Connection) -> None:
     raise_nofile(len(names) + 256)
-    try:
-        import uvloop
-
-        uvloop.run(_receiver_main(bc, names, pipe))
-    except ImportError:
-        asyncio.run(_receiver_main(bc, names, pipe))
+    run_fast(_receiver_main(bc, names, pipe))
 
 
 class Publisher:
@@ -350,12 +324,7 @@ async def _run(bc: Broadcast) -> dict[str, Any]:
 def run_broadcast(bc: Broadcast) -> dict[str, Any]:
     """Run one broadcast measurement (publisher on uvloop when available)."""
     raise_nofile(bc.members + 1024)
-    try:
-        import uvloop
-
-        return uvloop.run(_run(bc))
-    except ImportError:
-        return asyncio.run(_run(bc))
+    return run_fast(_run(bc))
 
 
 def main() -> None:

@@ -27,9 +27,10 @@ import multiprocessing as mp
 import os
 import time
 from array import array
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -191,13 +192,59 @@ async def worker_main(sc: Scenario, names: list[str], pipe: Connection) -> None:
     )
 
 
-def _worker(sc: Scenario, names: list[str], pipe: Connection) -> None:
+T = TypeVar("T")
+
+
+def run_fast(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when installed (every load generator's loop), else asyncio."""
     try:
         import uvloop
-
-        uvloop.run(worker_main(sc, names, pipe))
     except ImportError:
-        asyncio.run(worker_main(sc, names, pipe))
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def join_all(
+    names: list[str],
+    start: Callable[[str, Callable[[str], None]], Coroutine[Any, Any, None]],
+    batch: int,
+    timeout: float,
+) -> tuple[list[asyncio.Task[None]], list[str]]:
+    """Start ``start(name, joined)`` for every name, ``batch`` at a time; each calls
+    ``joined(name)`` once it is in the room. Waits until each joined or its task ended
+    (at most ``timeout`` per batch). Returns the tasks and why the others are not in."""
+    loop = asyncio.get_running_loop()
+    waiting: dict[str, asyncio.Future[None]] = {}
+
+    def joined(name: str) -> None:
+        fut = waiting.pop(name, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def settled(fut: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+        await asyncio.wait([fut, task], timeout=timeout, return_when="FIRST_COMPLETED")
+
+    tasks: list[asyncio.Task[None]] = []
+    pairs: list[tuple[asyncio.Future[None], asyncio.Task[None]]] = []
+    for i in range(0, len(names), batch):
+        for name in names[i : i + batch]:
+            waiting[name] = fut = loop.create_future()
+            task = asyncio.create_task(start(name, joined))
+            tasks.append(task)
+            pairs.append((fut, task))
+        await asyncio.gather(*(settled(f, t) for f, t in pairs[i:]))
+    failures = []  # one entry per client not in the room: its task ended, or no join answer
+    for fut, task in pairs:
+        if task.done():
+            exc = None if task.cancelled() else task.exception()
+            failures.append(repr(exc)[:200] if exc else "connection ended")
+        elif not fut.done():
+            failures.append(f"not joined after {timeout:.0f} s")
+    return tasks, failures
+
+
+def _worker(sc: Scenario, names: list[str], pipe: Connection) -> None:
+    run_fast(worker_main(sc, names, pipe))
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 from idle import raise_nofile, rss_kib
-from loadgen import SUBPROTOCOL
+from loadgen import SUBPROTOCOL, run_fast
 from websockets.asyncio.client import connect
 
 __all__ = ["in_process", "over_sockets"]
@@ -159,12 +159,7 @@ async def _client_batch(url: str, ids: list[int], requests: int, text: str, conc
 
 
 def _sockets_worker(args: tuple[Any, ...], pipe: Connection) -> None:
-    try:
-        import uvloop
-
-        pipe.send(uvloop.run(_client_batch(*args)))
-    except ImportError:
-        pipe.send(asyncio.run(_client_batch(*args)))
+    pipe.send(run_fast(_client_batch(*args)))
 
 
 def _connections(url: str) -> int | None:

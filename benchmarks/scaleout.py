@@ -61,7 +61,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from idle import raise_nofile
-from loadgen import SUBPROTOCOL, cpu_us, percentile, process_tree
+from loadgen import SUBPROTOCOL, cpu_us, join_all, percentile, process_tree, run_fast
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -266,34 +266,14 @@ async def _receiver_main(sc: Scaleout, url: str, names: list[str], pipe: Connect
     """Connect and join all subscribers, then follow the parent's commands (wait/report)."""
     rx = Receiver(sc.warmup + sc.messages + sc.tput_messages, sc.warmup + sc.messages)
     loop = asyncio.get_running_loop()
-    waiting: dict[str, asyncio.Future[None]] = {}
     subscribe = SUBSCRIBE[sc.system]
-
-    def joined(name: str) -> None:
-        fut = waiting.pop(name, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-
-    async def settled(fut: asyncio.Future[None], task: asyncio.Task[None]) -> None:
-        await asyncio.wait([fut, task], timeout=READY_TIMEOUT, return_when="FIRST_COMPLETED")
-
-    tasks: list[asyncio.Task[None]] = []
-    pairs: list[tuple[asyncio.Future[None], asyncio.Task[None]]] = []
     began = time.monotonic()
-    for i in range(0, len(names), JOIN_BATCH):
-        for name in names[i : i + JOIN_BATCH]:
-            waiting[name] = fut = loop.create_future()
-            task = asyncio.create_task(subscribe(url, sc.room, name, rx, joined))
-            tasks.append(task)
-            pairs.append((fut, task))
-        await asyncio.gather(*(settled(f, t) for f, t in pairs[i:]))
-    failures = []
-    for fut, task in pairs:
-        if task.done():
-            exc = None if task.cancelled() else task.exception()
-            failures.append(repr(exc)[:200] if exc else "connection ended")
-        elif not fut.done():
-            failures.append(f"not joined after {READY_TIMEOUT:.0f} s")
+    tasks, failures = await join_all(
+        names,
+        lambda name, joined: subscribe(url, sc.room, name, rx, joined),
+        JOIN_BATCH,
+        READY_TIMEOUT,
+    )
     pipe.send(("ready", len(names) - len(failures), failures[:5], time.monotonic() - began))
     while True:
         cmd = await loop.run_in_executor(None, pipe.recv)
@@ -330,12 +310,7 @@ async def _receiver_main(sc: Scaleout, url: str, names: list[str], pipe: Connect
 
 def _receiver(sc: Scaleout, url: str, names: list[str], pipe: Connection) -> None:
     raise_nofile(len(names) + 256)
-    try:
-        import uvloop
-
-        uvloop.run(_receiver_main(sc, url, names, pipe))
-    except ImportError:
-        asyncio.run(_receiver_main(sc, url, names, pipe))
+    run_fast(_receiver_main(sc, url, names, pipe))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,12 +617,7 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
 def run_scaleout(sc: Scaleout) -> dict[str, Any]:
     """Run one scale-out measurement (publisher on uvloop when available)."""
     raise_nofile(sc.subscribers + 1024)
-    try:
-        import uvloop
-
-        return uvloop.run(_run(sc))
-    except ImportError:
-        return asyncio.run(_run(sc))
+    return run_fast(_run(sc))
 
 
 # ---------------------------------------------------------------------------------------------
