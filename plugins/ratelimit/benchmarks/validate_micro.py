@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 from backchannel_ratelimit import Plugin as RateLimit
 
 from backchannel import App, BackchannelError, Message, Principal, hookimpl
@@ -53,7 +52,8 @@ def _pipeline_micro() -> Any:
     return module
 
 
-_Recorder = _pipeline_micro()._Recorder
+_micro = _pipeline_micro()
+_Recorder = _micro._Recorder
 
 
 class _Alice:
@@ -114,16 +114,8 @@ async def pipeline_cost(plugins: list[Any], n: int) -> float:
     )
     await app._startup()
     conn, recorder = await _connection(app, n)
-    payloads = [
-        orjson.dumps({"id": f"c-{i}", "type": "text", "content": {"text": "hello"}}).decode()
-        for i in range(n)
-    ]
-    started = time.process_time()
-    for payload in payloads:
-        conn.on_message(payload)
-        await asyncio.sleep(0)  # one request at a time, as a closed-loop client
-    await recorder.done.wait()
-    return (time.process_time() - started) / n * 1e6
+    result: float = await _micro.cpu_per_request(conn, recorder, n)
+    return result
 
 
 def main() -> None:
