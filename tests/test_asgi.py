@@ -26,12 +26,12 @@ import test_protocol
 import test_sessions
 import uvicorn
 from fastapi import FastAPI
-from test_server import raw_connect
 from test_sessions import no_error_records, start, wait_until
 
 from backchannel import App, Message, hookimpl
 from backchannel.asgi import asgi_app
 from backchannel.http import HttpRequest, HttpResponse
+from backchannel.testing import raw_connect
 from conftest import ROOT, make_app, ws_connect
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,6 @@ timeout's edges.
 
 from __future__ import annotations
 
-import base64
 import os
 import struct
 import sys
@@ -25,26 +24,11 @@ import anyio.abc
 import pytest
 
 from backchannel import App
+from backchannel.testing import opening_handshake
 from backchannel.websocket import MAX_HANDSHAKE_SIZE
 from conftest import make_app, serving, ws_connect
 
 pytestmark = pytest.mark.anyio
-
-
-def handshake(*extra: str, target: str = "/ws") -> bytes:
-    """A valid opening handshake with ``extra`` header lines."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {target} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Protocol: backchannel.v1",
-        *extra,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 class Raw:
@@ -120,7 +104,7 @@ async def test_permessage_deflate_offered_by_the_client_is_not_negotiated() -> N
     offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
     async with serving(make_app()) as app:
         async with raw(app) as r:
-            await r.send(handshake(offer))
+            await r.send(opening_handshake(offer))
             status, headers = await r.head()
             assert status == 101
             assert "sec-websocket-extensions" not in headers
@@ -133,7 +117,7 @@ async def test_permessage_deflate_offered_by_the_client_is_not_negotiated() -> N
 async def test_a_compressed_frame_without_negotiation_closes_1002() -> None:
     """A frame with RSV1 (the "compressed" bit) set anyway is a protocol error, not inflated."""
     async with serving(make_app()) as app, raw(app) as r:
-        await r.send(handshake())
+        await r.send(opening_handshake())
         assert (await r.head())[0] == 101
         payload = b"\xf2H\xcd\xc9\xc9\x07\x00"  # "Hello", deflated
         mask = os.urandom(4)
@@ -154,7 +138,7 @@ async def test_permessage_deflate_when_enabled_is_negotiated_and_round_trips() -
     both ways compressed (the reply's text is the request's, so inflation was lossless)."""
     async with serving(make_app(DEFLATE)) as app:
         async with raw(app) as r:
-            await r.send(handshake(OFFER))
+            await r.send(opening_handshake(OFFER))
             status, headers = await r.head()
             assert status == 101
             assert headers["sec-websocket-extensions"].startswith("permessage-deflate")
@@ -216,7 +200,7 @@ async def test_compression_bomb_closes_1009_without_a_memory_spike(
     app = make_app({"server": {"compression": "deflate", "max_message_size": max_size}})
     async with serving(app), ws_connect(app.port, compression="deflate") as other:
         async with raw(app) as r:
-            await r.send(handshake(OFFER))
+            await r.send(opening_handshake(OFFER))
             status, headers = await r.head()
             assert status == 101 and "permessage-deflate" in headers["sec-websocket-extensions"]
             with open("/proc/self/clear_refs", "w") as clear:
@@ -243,14 +227,16 @@ async def test_compression_bomb_closes_1009_without_a_memory_spike(
 _LINE = "X-Pad-{}: " + "a" * 8000  # one header line within websockets' 8 KB line limit
 
 REFUSED = [
-    pytest.param(handshake("X-Big: " + "a" * (1 << 20)), "431", id="1MB-header-line"),
-    pytest.param(handshake(*(f"X-Many-{i}: a" for i in range(129))), "431", id="129-headers"),
+    pytest.param(opening_handshake("X-Big: " + "a" * (1 << 20)), "431", id="1MB-header-line"),
     pytest.param(
-        handshake(*(_LINE.format(i) for i in range(MAX_HANDSHAKE_SIZE // 8000 + 1))),
+        opening_handshake(*(f"X-Many-{i}: a" for i in range(129))), "431", id="129-headers"
+    ),
+    pytest.param(
+        opening_handshake(*(_LINE.format(i) for i in range(MAX_HANDSHAKE_SIZE // 8000 + 1))),
         "431",
         id="lines-within-limits-over-total",
     ),
-    pytest.param(handshake(target="/ws?" + "q" * 9000), "414", id="9KB-request-line"),
+    pytest.param(opening_handshake(path="/ws?" + "q" * 9000), "414", id="9KB-request-line"),
     pytest.param(b"SSH-2.0-OpenSSH_9.6\r\n", "bad_request", id="not-http"),
 ]
 
@@ -281,7 +267,7 @@ async def test_oversized_or_broken_handshake_is_answered_logged_and_counted(
 async def test_a_large_handshake_within_every_limit_is_accepted() -> None:
     """The bounds leave room for real clients: ~56 KB of cookies in 7 lines connects."""
     cookies = [f"Cookie: c{i}=" + "v" * 8000 for i in range(7)]
-    request = handshake(*cookies)
+    request = opening_handshake(*cookies)
     assert 56_000 < len(request) <= MAX_HANDSHAKE_SIZE
     async with serving(make_app()) as app, raw(app) as r:
         await r.send(request)
@@ -304,7 +290,7 @@ async def test_dribbling_handshake_is_closed_at_the_timeout_not_before(
         async with raw(app) as r, anyio.create_task_group() as tg:
 
             async def dribble() -> None:
-                for byte in handshake():
+                for byte in opening_handshake():
                     await r.send(bytes([byte]))
                     await anyio.sleep(0.2)
 
@@ -320,7 +306,7 @@ async def test_dribbling_handshake_is_closed_at_the_timeout_not_before(
 async def test_a_slow_handshake_completed_within_the_timeout_is_accepted() -> None:
     """A handshake arriving in pieces over 0.3 s, within a 2 s timeout, connects and works."""
     app = make_app({"server": {"handshake_timeout": 2.0}})
-    request = handshake()
+    request = opening_handshake()
     async with serving(app), raw(app) as r:
         for i in range(0, len(request), len(request) // 3 + 1):
             await r.send(request[i : i + len(request) // 3 + 1])

@@ -2,21 +2,17 @@
 
 Each limit yields its documented close code or HTTP status, a log line and a
 counter, and the server keeps serving everybody else. Some tests use
-:class:`RawClient`, a hand-rolled WebSocket client on a bare TCP stream: unlike
-the ``websockets`` client it answers no ping and no close unless told to, and it
-can stop reading, dribble bytes or vanish mid-conversation.
+:class:`backchannel.testing.RawClient`, a hand-rolled WebSocket client on a bare TCP
+stream that does only what it is told.
 """
 
 from __future__ import annotations
 
-import base64
 import gc
-import json
 import logging
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -29,114 +25,12 @@ import anyio.abc
 import pytest
 
 from backchannel import App, hookimpl
+from backchannel.testing import RawClient, raw_connect
 from conftest import STANDARD, make_app, serving, ws_connect
 
 pytestmark = pytest.mark.anyio
 
-OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-class RawClient:
-    """A WebSocket client that does only what it is told (no automatic pong or close echo)."""
-
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self.stream = stream
-        self.buf = bytearray()
-        self.pings = 0
-
-    async def handshake(self, origin: str | None = None, path: str = "/ws") -> int:
-        """Send the opening handshake by hand; return the HTTP status of the answer."""
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            "Host: 127.0.0.1",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            "Sec-WebSocket-Protocol: backchannel.v1",
-        ]
-        if origin is not None:
-            lines.append(f"Origin: {origin}")
-        await self.stream.send(("\r\n".join(lines) + "\r\n\r\n").encode())
-        while b"\r\n\r\n" not in self.buf:
-            await self._fill()
-        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-        self.buf = bytearray(rest)
-        return int(head.split(b" ", 2)[1])
-
-    async def _fill(self) -> None:
-        self.buf += await self.stream.receive(1 << 20)
-
-    async def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            await self._fill()
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        """One server frame (servers never mask): ``(opcode, payload)``."""
-        b0, b1 = await self._take(2)
-        assert not b1 & 0x80, "server frames are not masked"
-        length = b1 & 0x7F
-        if length == 126:
-            (length,) = struct.unpack("!H", await self._take(2))
-        elif length == 127:
-            (length,) = struct.unpack("!Q", await self._take(8))
-        return b0 & 0x0F, await self._take(length)
-
-    async def next_message(self) -> dict[str, Any] | int:
-        """The next text frame as JSON, or the close code once a close frame arrives."""
-        while True:
-            opcode, payload = await self.read_frame()
-            if opcode == OP_PING:
-                self.pings += 1  # and never answered
-            elif opcode == OP_CLOSE:
-                return int(struct.unpack("!H", payload[:2])[0]) if payload else 1005
-            elif opcode == OP_TEXT:
-                frame: dict[str, Any] = json.loads(payload)
-                return frame
-
-    async def close_code(self) -> int:
-        """Skip messages until the server's close frame; return its code."""
-        while True:
-            got = await self.next_message()
-            if isinstance(got, int):
-                return got
-
-    async def send(self, type: str, content: Any = None, id: str = "r1") -> None:
-        """Send one request as a masked text frame."""
-        payload = json.dumps({"id": id, "type": type, "content": content or {}}).encode()
-        mask = os.urandom(4)
-        assert len(payload) < 126
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        await self.stream.send(bytes([0x80 | OP_TEXT, 0x80 | len(payload)]) + mask + masked)
-
-    async def eof(self) -> bool:
-        """Read until the server ends the TCP connection; True when it did."""
-        try:
-            while True:
-                await self.stream.receive(1 << 20)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            return True
-
-    def reset_on_close(self) -> None:
-        """Make ``aclose()`` send a TCP RST instead of a FIN (SO_LINGER 0)."""
-        sock = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-@asynccontextmanager
-async def raw_connect(port: int) -> AsyncIterator[RawClient]:
-    stream = await anyio.connect_tcp("127.0.0.1", port)
-    try:
-        yield RawClient(stream)
-    finally:
-        await stream.aclose()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -21,11 +21,10 @@ from typing import Any
 
 import anyio
 import pytest
-from test_server import raw_connect
 
 from backchannel import App, Connection, Message, Principal, Session, hookimpl
 from backchannel.memory import MemoryBroker
-from backchannel.testing import connect, serve_in_memory
+from backchannel.testing import connect, raw_connect, serve_in_memory
 from conftest import WsClient, check_frame, make_app, serving, ws_connect
 
 pytestmark = pytest.mark.anyio

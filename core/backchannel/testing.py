@@ -15,8 +15,13 @@ are skipped. Real-socket tests still belong where a client looks:
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import math
+import os
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,7 +36,17 @@ from .http import HttpRequest
 from .hub import Connection
 from .runtime import AnyioRuntime
 
-__all__ = ["MemoryClient", "connect", "serve_in_memory", "websocket"]
+__all__ = [
+    "MemoryClient",
+    "RawClient",
+    "connect",
+    "opening_handshake",
+    "raw_connect",
+    "serve_in_memory",
+    "websocket",
+]
+
+OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
 
 
 @asynccontextmanager
@@ -195,3 +210,124 @@ async def connect(
             send.close()
             # let the connection finish (``disconnect`` hooks included), within a bound
             tg.cancel_scope.deadline = anyio.current_time() + 5
+
+
+# ---------------------------------------------------------------- by hand, on a socket
+
+
+def opening_handshake(*extra: str, path: str = "/ws") -> bytes:
+    """A valid WebSocket opening handshake offering ``backchannel.v1``, plus ``extra``
+    header lines."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Protocol: backchannel.v1",
+        *extra,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class RawClient:
+    """A WebSocket client on a bare TCP stream that does only what it is told: unlike a
+    real client it answers no ping and no close, and it can stop reading, dribble bytes
+    or vanish mid-conversation (slow consumers, half-open peers, handshake limits)."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+        self.pings = 0
+
+    async def handshake(self, origin: str | None = None, path: str = "/ws") -> int:
+        """Send the opening handshake by hand; return the HTTP status of the answer."""
+        extra = () if origin is None else (f"Origin: {origin}",)
+        await self.stream.send(opening_handshake(*extra, path=path))
+        while b"\r\n\r\n" not in self.buf:
+            await self._fill()
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        self.buf = bytearray(rest)
+        return int(head.split(b" ", 2)[1])
+
+    async def _fill(self) -> None:
+        self.buf += await self.stream.receive(1 << 20)
+
+    async def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._fill()
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        """One server frame (servers never mask): ``(opcode, payload)``."""
+        b0, b1 = await self._take(2)
+        assert not b1 & 0x80, "server frames are not masked"
+        length = b1 & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", await self._take(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", await self._take(8))
+        return b0 & 0x0F, await self._take(length)
+
+    async def next_message(self) -> dict[str, Any] | int:
+        """The next text frame as JSON, or the close code once a close frame arrives."""
+        while True:
+            opcode, payload = await self.read_frame()
+            if opcode == OP_PING:
+                self.pings += 1  # and never answered
+            elif opcode == OP_CLOSE:
+                return int(struct.unpack("!H", payload[:2])[0]) if payload else 1005
+            elif opcode == OP_TEXT:
+                frame: dict[str, Any] = json.loads(payload)
+                return frame
+
+    async def close_code(self) -> int:
+        """Skip messages until the server's close frame; return its code."""
+        while True:
+            got = await self.next_message()
+            if isinstance(got, int):
+                return got
+
+    async def send(self, type: str, content: Any = None, id: str = "r1") -> None:
+        """Send one request as a masked text frame."""
+        payload = json.dumps({"id": id, "type": type, "content": content or {}}).encode()
+        mask = os.urandom(4)
+        assert len(payload) < 126
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await self.stream.send(bytes([0x80 | OP_TEXT, 0x80 | len(payload)]) + mask + masked)
+
+    async def request(self, type: str, content: Any = None, id: str = "r1") -> dict[str, Any]:
+        """Send a request and read until its answer (other frames are skipped)."""
+        await self.send(type, content, id)
+        while True:
+            got = await self.next_message()
+            assert not isinstance(got, int), f"closed {got} before answering {id}"
+            if got.get("replyTo") == id:
+                return got
+
+    async def eof(self) -> bool:
+        """Read until the server ends the TCP connection; True when it did."""
+        try:
+            while True:
+                await self.stream.receive(1 << 20)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            return True
+
+    def reset_on_close(self) -> None:
+        """Make ``aclose()`` send a TCP RST instead of a FIN (SO_LINGER 0)."""
+        sock = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@asynccontextmanager
+async def raw_connect(port: int) -> AsyncIterator[RawClient]:
+    """A :class:`RawClient` on a TCP connection to ``127.0.0.1:port`` (not handshaken)."""
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    try:
+        yield RawClient(stream)
+    finally:
+        await stream.aclose()

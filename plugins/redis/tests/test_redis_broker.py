@@ -9,10 +9,8 @@ these tests skip, or fail when ``CI`` is set (``backchannel_redis.testing``).
 
 from __future__ import annotations
 
-import base64
 import inspect
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -27,7 +25,7 @@ from backchannel_redis import RedisBroker
 from backchannel_redis.testing import delete_keys, fresh_prefix, require_redis
 
 from backchannel import App
-from backchannel.testing import websocket
+from backchannel.testing import raw_connect, websocket
 
 pytestmark = pytest.mark.anyio
 
@@ -818,57 +816,6 @@ async def test_a_leave_handled_while_the_join_reads_leaves_no_trace(
         assert await broker(one).presence("lobby") == []
 
 
-class HalfOpen:
-    """A WebSocket client that stops reading when the test says so, as a peer whose
-    network vanished: the server's close handshake to it can only time out."""
-
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def connect(cls, port: int) -> HalfOpen:
-        stream = await anyio.connect_tcp("127.0.0.1", port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        await stream.send(
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: backchannel.v1\r\n\r\n".encode()
-        )
-        client = cls(stream)
-        with anyio.fail_after(BOUND):
-            while b"\r\n\r\n" not in client.buffer:
-                client.buffer += await stream.receive()
-        head, client.buffer = client.buffer.split(b"\r\n\r\n", 1)
-        assert b" 101 " in head, head
-        return client
-
-    async def _fill(self, size: int) -> None:
-        """Read until the buffer holds ``size`` bytes."""
-        with anyio.fail_after(BOUND):
-            while len(self.buffer) < size:
-                self.buffer += await self.stream.receive()
-
-    async def request(self, ident: str, type: str, content: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps({"id": ident, "type": type, "content": content}).encode()
-        assert len(data) < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        await self.stream.send(bytes([0x81, 0x80 | len(data)]) + mask + masked)
-        while True:
-            await self._fill(2)
-            size, start = self.buffer[1] & 0x7F, 2
-            if size == 126:
-                await self._fill(4)
-                size, start = int.from_bytes(self.buffer[2:4], "big"), 4
-            await self._fill(start + size)
-            payload = self.buffer[start : start + size]
-            self.buffer = self.buffer[start + size :]
-            frame: dict[str, Any] = json.loads(payload)
-            if frame.get("replyTo") == ident:
-                return frame
-
-
 async def test_a_session_resumed_back_keeps_its_rooms_when_the_old_connection_times_out(
     redis: dict[str, str],
 ) -> None:
@@ -877,10 +824,10 @@ async def test_a_session_resumed_back_keeps_its_rooms_when_the_old_connection_ti
     connection times out, the session resumed there keeps its room membership."""
     one, two = new_app(redis), new_app(redis)
     one.config["heartbeat"]["timeout"] = 1  # the close handshake gives up after 1 s
-    async with serving(one), serving(two):
-        old = await HalfOpen.connect(one.port or 0)
-        init = (await old.request("i1", "init", {}))["content"]
-        seq = (await old.request("j1", "join", {"room": "lobby"}))["seq"]
+    async with serving(one), serving(two), raw_connect(one.port or 0) as old:
+        assert await old.handshake() == 101
+        init = (await old.request("init", {}, id="i1"))["content"]
+        seq = (await old.request("join", {"room": "lobby"}, id="j1"))["seq"]
         session = init["sessionId"]
         hold_takeovers(one, None)
         async with ws(two) as c:
@@ -895,4 +842,3 @@ async def test_a_session_resumed_back_keeps_its_rooms_when_the_old_connection_ti
             assert rooms(one).joined.get(session) == {"lobby"}
             published = await request(c, "t", "text", {"room": "lobby", "text": "hi"})
             assert published["type"] == "text", published
-        await old.stream.aclose()
