@@ -12,7 +12,10 @@ import json
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .verify import Verifier
 
 __all__ = ["add_commands", "parse_ttl"]
 
@@ -48,32 +51,28 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     check.set_defaults(func=cmd_check)
 
 
-def _jwt_config(path: str | None) -> dict[str, Any]:
-    from backchannel import config
+def _verifier(path: str | None) -> Verifier | None:
+    """The verifier of the config's ``[plugins.jwt]`` table; None (said on stderr) if invalid."""
+    from backchannel import StartupError, config
     from backchannel.contracts import load_schema
 
-    data = config.load(path)
-    schema = load_schema("backchannel_jwt", "jwt.config.schema.json")
-    return config.check_plugin(data, "jwt", schema)
+    from .verify import Verifier
 
-
-def _config_error(exc: Exception, path: str | None) -> None:
-    hint = "" if path else " (pass --config FILE with a [plugins.jwt] table)"
-    print(f"backchannel token: {exc}{hint}", file=sys.stderr)
+    try:
+        data = config.load(path)
+        schema = load_schema("backchannel_jwt", "jwt.config.schema.json")
+        return Verifier.from_config(config.check_plugin(data, "jwt", schema))
+    except StartupError as exc:
+        hint = "" if path else " (pass --config FILE with a [plugins.jwt] table)"
+        print(f"backchannel token: {exc}{hint}", file=sys.stderr)
+        return None
 
 
 def cmd_create(args: argparse.Namespace) -> int:
     import jwt
 
-    from backchannel import StartupError
-
-    from .verify import Verifier
-
-    try:
-        cfg = _jwt_config(args.config)
-        verifier = Verifier.from_config(cfg)
-    except StartupError as exc:
-        _config_error(exc, args.config)
+    verifier = _verifier(args.config)
+    if verifier is None:
         return 2
     for issuer in verifier.by_iss.values():
         if args.issuer is not None and issuer.issuer != args.issuer:
@@ -102,17 +101,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     import anyio
     import jwt
 
-    from backchannel import StartupError
-
     from .model import Rejected
-    from .verify import Verifier
 
     token = sys.stdin.read().strip() if args.token == "-" else args.token
-    try:
-        cfg = _jwt_config(args.config)
-        verifier = Verifier.from_config(cfg)
-    except StartupError as exc:
-        _config_error(exc, args.config)
+    verifier = _verifier(args.config)
+    if verifier is None:
         return 2
     try:
         header = jwt.get_unverified_header(token)
