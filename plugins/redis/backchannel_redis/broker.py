@@ -897,27 +897,21 @@ class RedisBroker:
             if value not in self._rooms and channel in channels:
                 channels.discard(channel)
                 await pubsub.unsubscribe(channel)
-        elif value["type"] == "subscribe":  # confirmed (again): fill what was missed
-            state = self._room_of(value["channel"])
-            if state is not None and state.last is not None:
-                await self._catch_up(state)
-        elif value["type"] == "message":
+        elif value["type"] in ("subscribe", "message"):
             channel = _text(value["channel"])
-            if not channel.startswith(self._room_channels):
-                await self._on_control(channel, bytes(value["data"]))
+            rooms = self._room_channels
+            if not channel.startswith(rooms):  # a control channel
+                if value["type"] == "message":
+                    await self._on_control(channel, bytes(value["data"]))
                 return
-            state = self._room_of(channel)
+            state = self._rooms.get(channel[len(rooms) :])
             if state is None or state.last is None:
-                return  # published before this subscription
+                return  # unsubscribed, or published before this subscription
+            if value["type"] == "subscribe":  # confirmed (again): fill what was missed
+                await self._catch_up(state)
+                return
             head, epoch, publish_id, body = bytes(value["data"]).split(b" ", 3)
             await self._deliver(state, int(head), _text(epoch), _text(publish_id), body)
-
-    def _room_of(self, channel: bytes | str) -> _Room | None:
-        """The subscribed room whose pub/sub channel is ``channel`` (None for others)."""
-        name = _text(channel)
-        if not name.startswith(self._room_channels):
-            return None
-        return self._rooms.get(name[len(self._room_channels) :])
 
     async def _catch_up(self, state: _Room) -> None:
         """Deliver what the room's stream holds after ``state.last``."""
