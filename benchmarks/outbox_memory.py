@@ -73,8 +73,9 @@ def in_process(
     began = time.perf_counter()
     kept: list[Session] = []
     for n in range(sessions):
-        session = Session(app.hub, f"anonymous:{n:08x}")
+        session = Session(app._hub, f"anonymous:{n:08x}")
         member = session.principal_id
+        session.log = broker.open_session(session.id, member)
         for i in range(sent):
             content = {"room": "lobby", "offset": i + 1, "epoch": broker.epoch}
             session.send("text", content | {"from": member, "text": text})

@@ -15,10 +15,10 @@ import time
 
 import orjson
 
-from backchannel import App
+from backchannel import App, Connection, State
 from backchannel.http import HttpRequest
-from backchannel.hub import Connection
 from backchannel.runtime import AsyncioRuntime
+from backchannel.testing import serve_in_memory
 
 PLUGIN_SETS = (["text"], ["init", "text", "ping", "system", "validation"])
 
@@ -48,13 +48,26 @@ class _Recorder:
 async def measure(plugins: list[str], n: int) -> float:
     """Microseconds of process CPU per request."""
     app = App({"log": {"level": "WARNING"}}, plugins=plugins)
-    await app._startup()
+    async with serve_in_memory(app):
+        conn, recorder = await open_connection(app, n)
+        return await cpu_per_request(conn, recorder, n)
+
+
+async def open_connection(
+    app: App, n: int, remote: tuple[str, int] | None = None
+) -> tuple[Connection, _Recorder]:
+    """A connection of the serving ``app`` writing to a :class:`_Recorder`, admitted."""
     runtime = AsyncioRuntime()
     recorder = _Recorder(n)
-    conn = Connection(app, HttpRequest("GET", "/ws", {}), recorder, runtime)
+    request = HttpRequest("GET", "/ws", {})
+    request.remote = remote
+    conn = app.accept(request, recorder, runtime)
     runtime.spawn(conn.run)
-    await asyncio.sleep(0.01)  # admitted
-    return await cpu_per_request(conn, recorder, n)
+    for _ in range(1000):  # authenticate and connect hooks ran
+        if conn.state is State.OPEN:
+            break
+        await asyncio.sleep(0.001)
+    return conn, recorder
 
 
 async def cpu_per_request(conn: Connection, recorder: _Recorder, n: int) -> float:

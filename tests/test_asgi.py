@@ -159,7 +159,7 @@ async def test_websocket_on_another_path_is_refused_and_non_get_is_405() -> None
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.port}") as client:
             response = await client.post("/healthz")
         assert response.status_code == 405 and response.headers["allow"] == "GET"
-    assert app.hub.rejected == {"403": 1}
+    assert app.counters.rejected == {"403": 1}
 
 
 async def test_max_connections_closes_the_next_one_1013_through_the_kernel() -> None:
@@ -169,7 +169,7 @@ async def test_max_connections_closes_the_next_one_1013_through_the_kernel() -> 
         async with ws_connect(app.port) as second:
             assert await second.closed() == 1013
         assert (await first.request("ping"))["type"] == "pong"
-        await wait_until(lambda: app.hub.closes.get(1013) == 1)
+        await wait_until(lambda: app.counters.closes.get(1013) == 1)
 
 
 async def test_answers_made_outside_the_reading_task_arrive_in_order() -> None:
@@ -244,7 +244,7 @@ async def test_without_its_lifespan_it_answers_503_and_says_why(
         assert response.status_code == 503 and b"lifespan" in response.content
         async with raw_connect(port) as raw:
             assert await raw.handshake() == 403
-    assert app.hub.rejected == {"403": 1}
+    assert app.counters.rejected == {"403": 1}
     assert any("not started" in r.getMessage() for r in caplog.records)
 
 
@@ -286,13 +286,13 @@ async def test_uvicorn_shutdown_closes_1012_then_the_lifespan_drains_running_han
             await started.wait()
         server.should_exit = True  # what SIGTERM does
         assert await c.closed() == 1012
-        session = app.hub.sessions[sid]
-        await wait_until(lambda: app.hub.shutting_down)  # the lifespan's drain: it waits
+        session = app.session(sid)
+        await wait_until(lambda: app._hub.shutting_down)  # the lifespan's drain: it waits
         go.set()
         await wait_until(lambda: session.seq == 2)
         (answer,) = await session.log.since(1) or []
         assert json.loads(answer)["replyTo"] == "s1"
-    assert app.hub.closes == {1012: 1} and not app.hub.running
+    assert app.counters.closes == {1012: 1} and not app._hub.running
 
 
 # ---------------------------------------------------------------------------- FastAPI
@@ -305,7 +305,7 @@ async def test_fastapi_app_mounts_it_at_ws_beside_its_own_routes() -> None:
 
     @api.get("/api/items/{item}")
     def item(item: int) -> dict[str, int]:
-        return {"item": item, "connections": app.hub.active}
+        return {"item": item, "connections": len(app.connections())}
 
     api.router.add_websocket_route("/ws", chat)
     api.mount("/ws", chat)
@@ -396,6 +396,6 @@ async def test_asgi_events_in_process_on_asyncio_and_trio(anyio_backend: str) ->
             event = await from_app.receive()
             assert json.loads(event["text"])["content"]["code"] == "bad_json"
             await to_app.send({"type": "websocket.disconnect", "code": 1000})
-            await wait_until(lambda: app.hub.closes == {1000: 1})
+            await wait_until(lambda: app.counters.closes == {1000: 1})
         assert app.connections() == []
     assert app.health()["ready"] is False

@@ -76,7 +76,7 @@ def url(port: int | None) -> str:
 
 
 def kill_all(app: Any, code: int = 1011) -> None:
-    for conn in list(app.hub.connections.values()):
+    for conn in list(app.connections()):
         conn.close(code, "test")
 
 
@@ -575,7 +575,7 @@ async def test_token_expiring_is_answered_with_auth_refresh(tmp_path: Path) -> N
     states = States()
     async with serving(app), connect(url(app.port), token_provider=provider, on_state=states) as c:
         with anyio.fail_after(5):  # the notice comes 1.5 s before exp; the refresh follows
-            while app.pm.get_plugin("jwt").refreshed == 0:  # type: ignore[union-attr]
+            while app.plugin("jwt").refreshed == 0:  # type: ignore[union-attr]
                 await anyio.sleep(0.05)
         assert minted[0] == first_exp and all(exp > first_exp for exp in minted[1:])
         while time.time() < first_exp + 0.5:  # past the first exp + grace: still open
@@ -584,7 +584,7 @@ async def test_token_expiring_is_answered_with_auth_refresh(tmp_path: Path) -> N
         assert c.state is State.CONNECTED
     assert states.names.count(str(State.CONNECTED)) == 1
     assert State.RECONNECTING not in [s for s, _ in states.log]
-    assert app.pm.get_plugin("jwt").expired == 0  # type: ignore[union-attr]
+    assert app.plugin("jwt").expired == 0  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- scripted peer

@@ -159,7 +159,7 @@ def test_unknown_key_names_its_dotted_path_and_the_allowed_keys(tmp_path: Path) 
     with pytest.raises(StartupError) as excinfo:
         config_mod.load(path, environ={})
     assert sorted(problems(excinfo)) == [
-        "bogus: unknown key (allowed: auth, connection, heartbeat, log, message, plugins, "
+        "bogus: unknown key (allowed: auth, connection, heartbeat, hooks, log, message, plugins, "
         "server, session, shutdown)",
         "server.prot: unknown key (allowed: backend, compression, demo, handshake_timeout, host, "
         "max_connections, max_message_size, origins, path, port, uvloop, workers)",

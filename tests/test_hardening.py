@@ -219,7 +219,7 @@ async def test_compression_bomb_closes_1009_without_a_memory_spike(
                 await anyio.sleep(0.01)
         assert logged(caplog_bc, "closed conn=", "code=1009")
         assert (await other.request("text", {"text": "still here"}))["type"] == "text"
-        assert app.hub.active == 1
+        assert len(app.connections()) == 1
 
 
 # ------------------------------------------------------------------- size limits
@@ -258,7 +258,7 @@ async def test_oversized_or_broken_handshake_is_answered_logged_and_counted(
                 assert await r.eof()
         assert app.metrics()["handshakes"]["rejected"] == {reason: 1}
         assert logged(caplog_bc, "handshake rejected", "127.0.0.1")
-        assert app.hub.active == 1  # the refused one never became a connection
+        assert len(app.connections()) == 1  # the refused one never became a connection
         assert (await other.request("ping", {}))["type"] == "pong"
         async with ws_connect(app.port) as fresh:
             assert (await fresh.request("ping", {}))["type"] == "pong"

@@ -90,7 +90,7 @@ async def test_backchannel_error_answers_with_its_code() -> None:
         err = await client.request("limited", id="r")
     assert err["type"] == "error" and err["replyTo"] == "r"
     assert err["content"] == {"code": "rate_limited", "message": "slow down", "retryAfter": 2}
-    assert app.hub.errors == {"rate_limited": 1}
+    assert app.counters.errors == {"rate_limited": 1}
 
 
 async def test_unexpected_exception_is_handler_error_with_ref_logged_and_counted(
@@ -116,7 +116,7 @@ async def test_unexpected_exception_is_handler_error_with_ref_logged_and_counted
     for needle in (content["ref"], conn, session, "b1"):
         assert needle in line
     assert lines[0].exc_info is not None  # the traceback stays in the server log
-    assert app.hooks.failures == {("handle", "handler:boom"): 1}
+    assert app.hook_failures() == {("handle", "handler:boom"): 1}
     assert app.metrics()["errors"]["byCode"]["handler_error"] == 1
 
 
@@ -203,7 +203,7 @@ async def test_crashing_validate_hook_is_handler_error_counted_per_plugin() -> N
         assert_no_leak(err)
     assert ran == []  # the handler never ran
     # the first validate plugin raises first: only it is counted, once per request
-    assert app.hooks.failures == {("validate", "leaky"): 2}
+    assert app.hook_failures() == {("validate", "leaky"): 2}
     assert app.metrics()["pluginFailures"] == {"validate:leaky": 2}
 
 
@@ -222,7 +222,7 @@ async def test_validate_hook_raising_backchannel_error_answers_its_code() -> Non
         assert (await client.request("count", {"n": 2}))["content"] == {"n": 2}
         err = await client.request("count", {"n": 4})
     assert err["content"] == {"code": "validation_failed", "message": "content.n: too big"}
-    assert app.hooks.failures == {}
+    assert app.hook_failures() == {}
 
 
 async def test_hanging_validate_hook_times_out() -> None:
@@ -269,7 +269,7 @@ async def test_on_error_maps_an_exception_to_a_backchannel_error() -> None:
     assert mapped["content"] == {"code": "forbidden", "message": "not yours"}
     assert default["content"]["code"] == "handler_error"
     assert [type(e) for e in seen] == [PermissionError, KeyError]
-    assert app.hooks.failures[("on_error", "inline-1")] == 2  # a broken observer is counted
+    assert app.hook_failures()[("on_error", "inline-1")] == 2  # a broken observer is counted
 
 
 # ---------------------------------------------------------------- streaming
@@ -489,7 +489,7 @@ async def test_queue_overflow_answers_overloaded() -> None:
         answers = [await client.answer(i) for i in ("running", "q1", "q2")]
     assert over["content"]["code"] == "overloaded"
     assert [a["type"] for a in answers] == ["ack", "ack", "ack"]
-    assert app.hub.errors == {"overloaded": 1}
+    assert app.counters.errors == {"overloaded": 1}
 
 
 @pytest.mark.parametrize(
@@ -580,7 +580,7 @@ async def test_app_on_observers_see_each_event() -> None:
             cid = client.connection.id
             await client.request("echo", id="e1")
             await client.request("nope", id="n1")
-        app.hooks.notify("alert", name="error_rate", state="firing", details={"rate": 0.5})
+        app.alert("error_rate", "firing", {"rate": 0.5})
     assert events == [
         ("added", cid),
         ("received", "e1", "echo"),
@@ -608,7 +608,7 @@ async def test_raising_observer_does_not_break_the_request() -> None:
     async with serve_in_memory(app), connect(app) as client:
         reply = await client.request("echo")
     assert reply["content"] == {"ok": 1}
-    assert sorted(app.hooks.failures.values()) == [1, 1]
+    assert sorted(app.hook_failures().values()) == [1, 1]
 
 
 async def test_async_disconnect_hook_runs_to_completion() -> None:

@@ -84,7 +84,7 @@ def test_only_enabled_plugins_are_imported() -> None:
 def test_plugins_are_called_in_config_order(order: list[str]) -> None:
     """Hook implementations run in the order of ``plugins.enabled``."""
     app = App({"plugins": {"enabled": order}})
-    assert [impl.plugin_name for impl in app.hooks.impls("message_types")] == order
+    assert [impl.plugin_name for impl in app._gateway.impls("message_types")] == order
     assert app.health()["plugins"] == order
 
 
@@ -101,7 +101,7 @@ def test_unknown_plugin_fails_listing_installed_names_and_the_distribution() -> 
 def test_missing_module_names_the_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
     """A plugin whose module cannot be imported names its distribution and version."""
     broken = fake_plugin("broken", "backchannel_broken_xyz:Plugin", "backchannel-broken")
-    monkeypatch.setattr("backchannel.app._installed", lambda: {"broken": broken})
+    monkeypatch.setattr("backchannel.plugins.installed", lambda: {"broken": broken})
     with pytest.raises(StartupError) as excinfo:
         App({}, plugins=["broken"])
     text = str(excinfo.value)
@@ -138,7 +138,10 @@ async def test_two_plugins_registering_one_type_fail_naming_both() -> None:
 async def test_registering_cancel_fails() -> None:
     """``cancel`` belongs to the kernel; a plugin registering it fails start-up."""
     app = App({}, plugins=[Registers("cancel")])
-    with pytest.raises(StartupError, match="plugin 'inline-1': 'cancel' is a kernel message type"):
+    with pytest.raises(
+        StartupError,
+        match="plugin 'inline-1' registers type 'cancel': 'cancel' is a kernel message type",
+    ):
         async with serve_in_memory(app):
             pass
 
@@ -169,8 +172,8 @@ class FailsIn:
 @pytest.mark.parametrize(
     ("hook", "expected"),
     [
-        ("startup", "plugin 'faulty' failed in hook 'startup': RuntimeError('no database')"),
-        ("schema", "plugin 'faulty': schema of type 'thing' is invalid"),
+        ("startup", "plugin 'faulty' failed in hook 'startup': RuntimeError: no database"),
+        ("schema", "plugin 'faulty' registers type 'thing': its schema is invalid"),
         ("wrap_handler", "plugin 'faulty' failed in hook 'wrap_handler' for type 'thing'"),
     ],
 )
@@ -189,7 +192,7 @@ async def test_each_app_has_its_own_plugin_manager() -> None:
     """Two Apps in one process see only their own plugins and types."""
     texts, pings = App({}, plugins=["text"]), App({}, plugins=["ping"])
     texts.handler("only-here")(lambda m: {"app": "texts"})
-    assert texts.pm is not pings.pm
+    assert texts.plugin("text") is not None and pings.plugin("text") is None
     async with (
         serve_in_memory(texts),
         serve_in_memory(pings),
@@ -202,8 +205,8 @@ async def test_each_app_has_its_own_plugin_manager() -> None:
         assert (await b.request("ping"))["type"] == "pong"
         assert (await b.request("text", {"text": "x"}))["content"]["code"] == "unknown_type"
         assert (await b.request("only-here"))["content"]["code"] == "unknown_type"
-    assert set(texts.pipeline.types) == {"text", "only-here"}
-    assert set(pings.pipeline.types) == {"ping"}
+    assert set(texts.message_types()) == {"text", "only-here"}
+    assert set(pings.message_types()) == {"ping"}
 
 
 # ---------------------------------------------------------------- CLI

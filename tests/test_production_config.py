@@ -46,4 +46,4 @@ async def test_connection_without_a_token_is_closed_4001(
             while True:
                 await client.receive(timeout=3)
         assert client.close_code == 4001
-    assert app.hub.closes.get(4001) == 1
+    assert app.counters.closes.get(4001) == 1

@@ -257,7 +257,7 @@ def test_any_payload_gets_exactly_one_well_formed_answer(anyio_backend: str, kin
             assert_one_answer(payload, portal.call(exchange, app, payload))
 
         check()
-        assert app.hub.errors.get("handler_error", 0) == 0
+        assert app.counters.errors.get("handler_error", 0) == 0
 
 
 # ----------------------------------------------------------------- real socket
@@ -330,7 +330,7 @@ def test_real_socket_frames_get_one_answer_or_documented_close_and_server_stays_
         assert {None, 1009} <= seen  # both outcomes were exercised
         frames, code = talk(app.port, json.dumps({"id": "after", "type": "text"}), True)
         assert code is None and frames[0]["replyTo"] == "after"  # the server still answers
-        assert app.hub.errors.get("handler_error", 0) == 0
+        assert app.counters.errors.get("handler_error", 0) == 0
 
 
 # ------------------------------------------------------------------- contracts

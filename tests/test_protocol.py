@@ -71,7 +71,7 @@ async def test_bad_input_gets_one_documented_error_and_connection_stays(
         assert frame["replyTo"] == reply_to
         assert frame["content"]["code"] == code
         assert "x" * 100 not in json.dumps(frame)  # never echoes the offending value
-        assert app.hub.errors[code] == 1
+        assert app.counters.errors[code] == 1
         assert any(code in r.getMessage() for r in caplog_bc.records)
         # the connection still works
         assert (await c.request("text", {"text": "still here"}))["type"] == "text"

@@ -86,14 +86,14 @@ async def test_connection_past_max_connections_is_closed_1013(
             await b.request("ping", {})
             async with ws_connect(_port(app)) as c:
                 assert await c.closed() == 1013
-            assert app.hub.closes.get(1013) == 1
+            assert app.counters.closes.get(1013) == 1
             assert app.metrics()["closes"]["1013"] == 1
             assert logged(caplog, "max_connections")
             assert (await a.request("ping", {}))["type"] == "pong"
             assert (await b.request("ping", {}))["type"] == "pong"
-        await wait_until(lambda: app.hub.active == 1)
+        await wait_until(lambda: len(app.connections()) == 1)
         await assert_serves(app)
-        assert app.hub.closes.get(1013) == 1
+        assert app.counters.closes.get(1013) == 1
 
 
 class SlowAuth:
@@ -126,7 +126,7 @@ async def test_simultaneous_handshakes_cannot_exceed_max_connections() -> None:
                 for client in clients:
                     tg.start_soon(probe, client)
         assert codes.count(None) == 2 and codes.count(1013) == 8, codes
-        assert app.hub.active == 2 and app.hub.closes.get(1013) == 8
+        assert len(app.connections()) == 2 and app.counters.closes.get(1013) == 8
 
 
 async def test_origin_allow_list_rejects_with_403_at_handshake(
@@ -160,10 +160,10 @@ async def test_client_that_never_pongs_is_closed_1011_after_heartbeat_timeout(
             with anyio.fail_after(5):
                 assert await raw.close_code() == 1011
             assert raw.pings >= 1
-        await wait_until(lambda: app.hub.closes.get(1011) == 1)
+        await wait_until(lambda: app.counters.closes.get(1011) == 1)
         assert logged(caplog, "heartbeat timeout")
         # the websockets client answered every ping: still here after several timeouts
-        assert app.hub.active == 1
+        assert len(app.connections()) == 1
         assert (await good.request("ping", {}))["type"] == "pong"
 
 
@@ -191,14 +191,14 @@ async def test_client_that_stops_reading_is_closed_1013_as_slow_consumer(
             await raw.send("flood")
             # the other client is served while the slow one is stuck
             assert (await other.request("ping", {}))["type"] == "pong"
-            await wait_until(lambda: app.hub.errors.get("slow_consumer") == 1)
-            assert app.hub.active == 2  # not closed yet: nothing was read
+            await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1)
+            assert len(app.connections()) == 2  # not closed yet: nothing was read
             # reading again now, the client finds the close frame behind the backlog
             with anyio.fail_after(5):
                 assert await raw.close_code() == 1013
-        await wait_until(lambda: app.hub.closes.get(1013) == 1)
+        await wait_until(lambda: app.counters.closes.get(1013) == 1)
         assert logged(caplog, "slow consumer: not reading")
-        assert app.hub.active == 1
+        assert len(app.connections()) == 1
         assert (await other.request("ping", {}))["type"] == "pong"
 
 
@@ -228,11 +228,11 @@ async def test_send_queue_past_send_queue_size_closes_1013_at_once(
         async with raw_connect(_port(app)) as raw:
             assert await raw.handshake() == 101
             await raw.send("flood")
-            await wait_until(lambda: app.hub.errors.get("slow_consumer") == 1)
+            await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1)
             with anyio.fail_after(5):
                 assert await raw.close_code() == 1013
         assert sent < 5000  # stopped long before the end: the queue did not grow unbounded
-        await wait_until(lambda: app.hub.closes.get(1013) == 1)
+        await wait_until(lambda: app.counters.closes.get(1013) == 1)
         assert logged(caplog, "slow consumer: send queue full")
         assert (await other.request("ping", {}))["type"] == "pong"
 
@@ -255,7 +255,7 @@ async def test_client_that_keeps_reading_is_never_a_slow_consumer() -> None:
             while (frame := await c.recv())["type"] == "chunk":
                 chunks += 1
         assert chunks == 3000 and frame["type"] == "ack" and frame["replyTo"] == ident
-        assert "slow_consumer" not in app.hub.errors
+        assert "slow_consumer" not in app.counters.errors
 
 
 async def test_handshake_timeout_disconnects_silent_and_dribbling_clients(
@@ -331,8 +331,8 @@ async def test_leaving_run_sends_going_away_then_closes_1001() -> None:
             notice = await c.recv()
             assert notice["type"] == "system" and notice["content"]["event"] == "going_away"
             assert await c.closed() == 1001
-    assert app.hub.closes.get(1001) == 3
-    assert not app.hub.connections
+    assert app.counters.closes.get(1001) == 3
+    assert not app.connections()
 
 
 @asynccontextmanager
@@ -373,7 +373,7 @@ async def test_stop_lets_in_flight_handler_finish_within_grace(
         reply = await c.answer(slow_id)
         assert reply["type"] == "slow" and reply["content"] == {"done": True}
         assert await c.closed() == 1001
-    assert app.hub.errors == {"shutting_down": 1}
+    assert app.counters.errors == {"shutting_down": 1}
     assert logged(caplog, "shutting_down")
 
 
@@ -396,9 +396,9 @@ async def test_handler_exceeding_grace_gets_shutting_down_then_1001() -> None:
         answer = await c.answer(stuck_id)
         assert answer["type"] == "error" and answer["content"]["code"] == "shutting_down"
         assert await c.closed() == 1001
-    assert app.hub.errors.get("shutting_down") == 1
-    assert app.hub.closes.get(1001) == 1
-    assert not app.hub.running
+    assert app.counters.errors.get("shutting_down") == 1
+    assert app.counters.closes.get(1001) == 1
+    assert not app._hub.running
 
 
 async def test_stop_during_slow_startup_is_not_lost() -> None:
@@ -452,8 +452,8 @@ async def test_client_vanishing_mid_reply_is_logged_and_harmless(
         release.set()  # now the handler answers a connection that is gone
         with anyio.fail_after(5):
             await finished.wait()
-        await wait_until(lambda: app.hub.active == 0)
-        assert app.hub.closes == {1006: 1}
+        await wait_until(lambda: len(app.connections()) == 0)
+        assert app.counters.closes == {1006: 1}
         assert logged(caplog, "code=1006")
         await assert_serves(app)
     gc.collect()
@@ -490,11 +490,11 @@ async def test_a_thousand_connects_and_disconnects_leave_nothing_behind() -> Non
                 async with anyio.create_task_group() as tg:
                     for i in range(start, start + 25):
                         tg.start_soon(one, i)
-        await wait_until(lambda: not app.hub.connections, timeout=10)
-        assert app.hub.active == 0 and app.metrics()["connections"]["active"] == 0
-        assert not app.hub.running
-        assert app.hub.total == accepted == 750
-        assert sum(app.hub.closes.values()) == accepted
+        await wait_until(lambda: not app.connections(), timeout=10)
+        assert len(app.connections()) == 0 and app.metrics()["connections"]["active"] == 0
+        assert not app._hub.running
+        assert app.counters.connections_total == accepted == 750
+        assert sum(app.counters.closes.values()) == accepted
         await assert_serves(app)
 
 

@@ -88,7 +88,7 @@ async def resume(
 
 async def detached(app: App, session_id: str) -> Session:
     """Wait until the session's connection is gone (the server saw the disconnect)."""
-    session = app.hub.sessions[session_id]
+    session = app.session(session_id)
     await wait_until(lambda: session.connection is None)
     return session
 
@@ -167,7 +167,7 @@ async def test_resume_replays_every_missed_frame_unchanged_and_in_order_before_i
             assert answer["content"]["missed"] == 7
             assert (await c2.request("text", {"text": "d"}))["seq"] == 10
             # the resuming connection's own new session is not kept around
-            assert list(app.hub.sessions) == [sid]
+            assert list(app._hub.sessions) == [sid]
             assert await app.broker.find_session(sid) is not None
 
 
@@ -276,7 +276,7 @@ async def test_session_past_its_ttl_is_forgotten_and_resume_says_unknown_session
         async with ws_connect(app.port) as c1:
             sid, epoch, _ = await start(c1)
             await c1.request("text", {"text": "x"})
-        await wait_until(lambda: sid not in app.hub.sessions, timeout=5)
+        await wait_until(lambda: app.session(sid) is None, timeout=5)
         assert await app.broker.find_session(sid) is None
         async with ws_connect(app.port) as c2:
             before, answer = await resume(c2, sid, 1, epoch)
@@ -318,7 +318,7 @@ async def test_session_of_an_authenticated_principal_cannot_be_resumed_by_anothe
                 assert answer["seq"] == 1  # in bob's own new session
                 reply = await bob.request("text", {"text": "mine"})
                 assert reply["type"] == "text" and reply["seq"] == 2
-                assert app.hub.sessions[sid].connection is not None
+                assert app.session(sid).connection is not None
             assert (await alice.request("text", {"text": "a"}))["seq"] == 2  # untouched
         await detached(app, sid)
         async with ws_connect(app.port, additional_headers={"x-user": "bob"}) as bob:
@@ -403,11 +403,11 @@ async def test_server_cutting_all_connections_mid_flight_loses_and_repeats_nothi
                 conn.close(1012, "restarting")
             for c in clients:
                 assert await c.closed() == 1012
-        await wait_until(lambda: not app.hub.connections)
+        await wait_until(lambda: not app.connections())
         assert len(runs) == 50 and not release.is_set()
         async with AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(ws_connect(app.port)) for _ in range(10)]
-            sessions = [app.hub.sessions[resume_from[k][0]] for k in ids]
+            sessions = [app._hub.sessions[resume_from[k][0]] for k in ids]
             attachable = sum(
                 len(set(ids[k]) & set(s.pending)) for k, s in zip(ids, sessions, strict=True)
             )
@@ -422,7 +422,7 @@ async def test_server_cutting_all_connections_mid_flight_loses_and_repeats_nothi
             # read the original (a closing connection reads no more)
             await wait_until(
                 lambda: (
-                    app.hub.retries == attachable
+                    app.counters.retries == attachable
                     and all(
                         set(ids[k]) <= set(s.pending) for k, s in zip(ids, sessions, strict=True)
                     )
@@ -515,7 +515,7 @@ async def test_retry_of_a_request_still_running_is_attached_one_answer_one_run(
         with anyio.fail_after(5):
             await started.wait()
         await c.send("slow", {}, id="b")
-        await wait_until(lambda: app.hub.retries == 1)
+        await wait_until(lambda: app.counters.retries == 1)
         release.set()
         answer = await c.answer("b")
         assert answer["content"] == {"done": True}
@@ -546,7 +546,7 @@ async def test_stream_interrupted_by_disconnect_resumes_where_it_stopped() -> No
             sid, epoch, _ = await start(c1)
             await c1.send("stream", {}, id="st")
             seen = [await c1.recv() for _ in range(3)]  # chunks 0..2; 3 and 4 unread
-            session = app.hub.sessions[sid]
+            session = app.session(sid)
             await wait_until(lambda: session.seq == 6)
         await detached(app, sid)
         async with ws_connect(app.port) as c2:
@@ -582,7 +582,7 @@ async def test_slow_consumer_closed_1013_resumes_with_nothing_lost() -> None:
     @app.handler("flood")
     async def flood(message: Message, connection: Connection) -> None:
         i = 0
-        while not app.hub.errors.get("slow_consumer") and i < 6000:
+        while not app.counters.errors.get("slow_consumer") and i < 6000:
             connection.send("text", {"i": i, "pad": pad})
             i += 1
             await anyio.sleep(0)
@@ -598,8 +598,8 @@ async def test_slow_consumer_closed_1013_resumes_with_nothing_lost() -> None:
             assert isinstance(init, dict) and init["seq"] == 1
             sid, epoch = init["content"]["sessionId"], init["content"]["epoch"]
             await raw.send("flood", {}, id="f")
-            await wait_until(lambda: app.hub.errors.get("slow_consumer") == 1, timeout=10)
-            session = app.hub.sessions[sid]
+            await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1, timeout=10)
+            session = app.session(sid)
             await wait_until(lambda: "f" not in session.pending)  # the flood ended (ack sent)
             parsed = [1]
             with anyio.fail_after(10):  # read what reached us, up to the close frame
@@ -634,8 +634,8 @@ async def test_resuming_a_session_attached_elsewhere_takes_it_over_closing_the_o
             assert [f["content"]["text"] for f in before] == ["x"]
             assert answer["content"]["resumed"] is True and answer["seq"] == 3
             assert await c1.closed() == 4009
-            await wait_until(lambda: len(app.hub.connections) == 1)
-            session = app.hub.sessions[sid]
+            await wait_until(lambda: len(app.connections()) == 1)
+            session = app.session(sid)
             assert session.connection is app.connections()[0]
             assert (await c2.request("text", {"text": "y"}))["seq"] == 4
             assert await app.broker.find_session(sid) is not None
@@ -697,8 +697,9 @@ def test_outbox_memory_of_10000_full_sessions_stays_within_the_configured_budget
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        sessions = [Session(app.hub, f"anonymous:{n}") for n in range(SESSIONS)]
+        sessions = [Session(app._hub, f"anonymous:{n}") for n in range(SESSIONS)]
         for session in sessions:
+            session.log = broker.open_session(session.id, session.principal_id)
             for i in range(48):
                 session.send("text", {"text": text, "i": i})
         held = tracemalloc.get_traced_memory()[0] - base  # every allocation still alive

@@ -1,10 +1,17 @@
-"""The App: one kernel instance with its own plugin manager, config, hub and server.
+"""The App: one kernel instance, and the documented surface plugins and applications use.
 
-Everything a plugin can do goes through hooks; ``App`` adds the seed's
-convenience API on top (``@app.handler``, ``app.use``, ``@app.on``, ``app.send``,
-``app.broadcast``, ``app.health()``, ``app.metrics()``) by registering small
-in-process plugins, so an inline handler and an installed distribution are the
-same thing to the kernel.
+Everything a plugin can do goes through hooks and the public methods of :class:`App`
+(documented in docs/plugins.md): find a connection or session, send, read plugin
+config, register metrics and raise alerts, reach the broker, list registered types.
+The seed's convenience API (``@app.handler``, ``app.use``, ``@app.on``) registers
+small in-process plugins, so an inline handler and an installed distribution are the
+same thing to the kernel. Its internals (plugin manager, hook gateway, hub, pipeline)
+are private: ``dir(app)`` shows what a plugin may use.
+
+One lifecycle: :meth:`App.serving` starts and stops the App around a
+:class:`Listener` — the standalone server's TCP listener (:meth:`App.run`), the ASGI
+adapter's lifespan, or the test kit's in-memory one — with the same start-up,
+heartbeat, expiry, drain and shutdown in every case.
 """
 
 from __future__ import annotations
@@ -15,30 +22,33 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
-import pluggy
 import sniffio
 
 from . import config as config_mod
-from . import hookspecs, plugins
+from . import hookspecs
+from . import plugins as discovery
 from .broker import Broker
-from .errors import CloseCode, StartupError
-from .hooks import HookFailed, Hooks
+from .config import Settings
+from .connection import Connection, Transport
+from .counters import Counters
+from .errors import StartupError
+from .hooks import Gateway, new_manager
 from .http import HttpRequest, HttpResponse, RouteHandler, json_response
-from .hub import Connection, Hub, holder_of, now_iso
+from .hub import Hub, holder_of
 from .memory import MemoryBroker
+from .model import MessageType
 from .pipeline import Pipeline
-from .server import ServerOptions, serve_anyio, serve_asyncio
+from .runtime import Runtime
+from .session import Session
 
 if TYPE_CHECKING:
     import asyncio
 
-    from .runtime import AsyncioRuntime
-
-__all__ = ["App", "EVENTS", "__version__"]
+__all__ = ["App", "EVENTS", "Listener", "__version__"]
 
 __version__ = "0.1.0"
 log = logging.getLogger("backchannel.app")
@@ -53,6 +63,19 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "error": ("connection", "message_id", "error"),
     "alert": ("name", "state", "details"),
 }
+
+
+class Listener(Protocol):
+    """Where connections come from while an App serves (see :meth:`App.serving`)."""
+
+    async def listen(self, app: App, group: anyio.abc.TaskGroup) -> None:
+        """Start accepting connections (tasks go in ``group``); return once accepting."""
+
+    def stop(self) -> None:
+        """Stop accepting (the graceful drain follows)."""
+
+    def abandon(self) -> None:
+        """After the drain: cancel what is left of the connections' tasks."""
 
 
 def _observer(event: str, func: Callable[..., Any]) -> object:
@@ -81,11 +104,15 @@ class App:
     """A backchannel application.
 
     Args:
-        config: a config dict (as in ``backchannel.toml``), a path to a TOML file,
-            or None for the defaults (plus ``BACKCHANNEL_*`` environment overrides).
+        config: a config dict (shaped like ``backchannel.toml``), a path to a TOML file,
+            or None for the defaults; ``BACKCHANNEL_*`` environment variables override
+            any of the three the same way.
         plugins: plugin names (installed) or plugin objects to use *instead of*
             ``plugins.enabled``; tests pass an explicit list so nothing is
-            autoloaded.
+            autoloaded. An object is registered under its ``name`` attribute, else the
+            name of the installed plugin it is an instance of, so its settings table
+            and defaults apply.
+        environ: the environment to read instead of ``os.environ``.
     """
 
     def __init__(
@@ -95,47 +122,45 @@ class App:
         plugins: Iterable[str | object] | None = None,
         environ: dict[str, str] | None = None,
     ) -> None:
-        if isinstance(config, dict):
-            data = config_mod.merge({}, config)
-            data = config_mod.merge(data, config_mod.env_overrides(environ or {}))
-            if plugins is not None:
-                names = [p for p in plugins if isinstance(p, str)]
-                data.setdefault("plugins", {})["enabled"] = names
-            self.config = config_mod.check(data)
-        else:
-            overrides: dict[str, Any] = {}
-            if plugins is not None:
-                overrides = {"plugins": {"enabled": [p for p in plugins if isinstance(p, str)]}}
-            self.config = config_mod.load(config, environ=environ, overrides=overrides)
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
-        self._order: list[str] = []
-        self.hooks = Hooks(self.pm, lambda: self._order)
-        session = self.config["session"]
+        overrides: dict[str, Any] = {}
+        if plugins is not None:
+            plugins = list(plugins)
+            overrides = {"plugins": {"enabled": [p for p in plugins if isinstance(p, str)]}}
+        #: the checked configuration, shaped like ``backchannel.toml`` (defaults filled in)
+        self.config: dict[str, Any] = config_mod.load(config, environ=environ, overrides=overrides)
+        #: the kernel's settings, typed (``app.settings.session.ttl``)
+        self.settings = Settings.from_config(self.config)
+        #: what the kernel counted since start (connections, frames, errors, closes, ...)
+        self.counters = Counters()
+        self._gateway = Gateway(new_manager(), self.settings.hooks.timeout)
+        session = self.settings.session
         #: the broker (the ``broker`` hook's, chosen at start-up; in-memory by default)
         self.broker: Broker = MemoryBroker(
-            outbox_size=session["outbox_size"],
-            outbox_max_bytes=session["outbox_max_bytes"],
-            dedupe_window=session["dedupe_window"],
-            dedupe_size=session["dedupe_size"],
+            outbox_size=session.outbox_size,
+            outbox_max_bytes=session.outbox_max_bytes,
+            dedupe_window=session.dedupe_window,
+            dedupe_size=session.dedupe_size,
         )
-        self.hub = Hub(self)
-        self.pipeline = Pipeline(self)
+        self._pipeline = Pipeline(self.settings, self._gateway)
+        self._hub = Hub(
+            self, self.settings, self._gateway, self._pipeline, self.broker, self.counters
+        )
+        #: when the App was made (``time.time()``)
         self.started_at = time.time()
+        #: the port it listens on, once listening
         self.port: int | None = None
-        self.routes: dict[str, RouteHandler] = {}
+        self._routes: dict[str, RouteHandler] = {}
+        self._metrics: dict[str, Callable[[], dict[str, Any]]] = {}
         self._stop: anyio.Event | None = None
         self._ready = False
         self._inline = 0
-        #: extra figures for :meth:`metrics`, by provider name (e.g. the monitoring plugin's):
-        #: each returns a dict deep-merged into the kernel's counters.
-        self.metrics_providers: dict[str, Callable[[], dict[str, Any]]] = {}
         self._background: list[Callable[[], Awaitable[Any]]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
-        enabled = self.config["plugins"]["enabled"]
-        available = _installed() if enabled else {}
+        self._task: asyncio.Task[None] | None = None
+        enabled = self.settings.plugins
+        available = discovery.installed() if enabled else {}
         for name in enabled:
-            self._register(_load(name, available), name)
+            self._register(discovery.load(name, available), name)
         for obj in plugins or ():
             if not isinstance(obj, str):
                 self.use(obj)
@@ -143,24 +168,19 @@ class App:
     # ----------------------------------------------------------------- plugins
 
     def _register(self, plugin: object, name: str) -> None:
-        try:
-            self.pm.register(plugin, name=name)
-        except pluggy.PluginValidationError as exc:
-            raise StartupError(f"plugin {name!r} is invalid: {exc}") from exc
-        self._order.append(name)
-        self.hooks.invalidate()
-        schemas = [
-            cast("dict[str, Any] | None", impl.function())
-            for impl in self.pm.hook.config_schema.get_hookimpls()
-            if impl.plugin_name == name
-        ]
-        config_mod.check_plugin(self.config, name, schemas[0] if schemas else None)
+        self._gateway.register(plugin, name)
+        schemas = self._gateway.setup("config_schema", {}, plugin=name)
+        config_mod.check_plugin(self.config, name, schemas[0][1] if schemas else None)
 
     def use(self, plugin: object, name: str | None = None) -> object:
-        """Register an in-process plugin object (its hookimpls run after config plugins)."""
+        """Register an in-process plugin object (its hookimpls run after config plugins).
+
+        Its name: ``name``, else its ``name`` attribute, else the name of the installed
+        plugin whose class it is an instance of, else ``inline-N``.
+        """
         self._inline += 1
-        label = name or getattr(plugin, "name", None) or f"inline-{self._inline}"
-        self._register(plugin, str(label))
+        label = name or getattr(plugin, "name", None) or discovery.name_of(plugin)
+        self._register(plugin, str(label or f"inline-{self._inline}"))
         return plugin
 
     def handler(
@@ -200,6 +220,33 @@ class App:
         table: dict[str, Any] = self.config["plugins"].get(name, {})
         return table
 
+    def plugin(self, name: str) -> object | None:
+        """The registered plugin object named ``name`` (its instance), or None."""
+        return self._gateway.plugin(name)
+
+    def plugins(self) -> dict[str, list[str]]:
+        """Registered plugins by name, in call order, with the hooks each implements."""
+        return self._gateway.plugins()
+
+    def message_types(self) -> dict[str, MessageType]:
+        """The registered message types by name (after start-up)."""
+        return {name: entry.describe() for name, entry in self._pipeline.types.items()}
+
+    # ------------------------------------------------------------------ lookup
+
+    def connection(self, connection_id: str) -> Connection | None:
+        """The live connection ``connection_id`` of this process, or None."""
+        return self._hub.connections.get(connection_id)
+
+    def connections(self) -> list[Connection]:
+        """The live connections of this process."""
+        return list(self._hub.connections.values())
+
+    def session(self, session_id: str) -> Session | None:
+        """The session ``session_id`` if this process holds it (attached, or detached
+        within ``session.ttl``), else None."""
+        return self._hub.sessions.get(session_id)
+
     # ------------------------------------------------------------------ output
 
     def send(self, connection_id: str, type: str | dict[str, Any], content: Any = None) -> bool:
@@ -211,7 +258,7 @@ class App:
         (the connection id names it); False when no live connection has that id.
         """
         kind, body = _split(type, content)
-        conn = self.hub.connections.get(connection_id)
+        conn = self._hub.connections.get(connection_id)
         if conn is not None:
             conn.send(kind, body)
             return True
@@ -231,61 +278,91 @@ class App:
         """
         kind, body = _split(type, content)
         self.broker.tell(None, {"op": "broadcast", "type": kind, "content": body})
-        return self.hub.broadcast(kind, body)
-
-    def connections(self) -> list[Connection]:
-        """The live connections of this process."""
-        return list(self.hub.connections.values())
+        return self._hub.broadcast(kind, body)
 
     # ---------------------------------------------------------- introspection
 
+    @property
+    def ready(self) -> bool:
+        """Serving, not shutting down, and the broker can serve (``/readyz``)."""
+        return self._ready and not self._hub.shutting_down and self.broker.ready
+
+    def now_iso(self) -> str:
+        """UTC time with milliseconds, as frames carry it (``2026-11-25T10:00:00.123Z``)."""
+        return self._hub.clock.now_iso()
+
     def health(self) -> dict[str, Any]:
         """Liveness and readiness, shaped like the seed's ``getHealth``."""
-        hub = self.hub
+        hub = self._hub
         status = "shutting_down" if hub.shutting_down else "ok" if self._ready else "starting"
         return {
             "status": status,
             # not ready while the broker cannot serve (e.g. Redis unreachable): /readyz 503
-            "ready": self._ready and not hub.shutting_down and self.broker.ready,
+            "ready": self.ready,
             "uptime": round(time.time() - self.started_at, 3),
-            "connections": hub.active,
+            "connections": len(hub.connections),
             "version": __version__,
-            "plugins": list(self._order),
-            "timestamp": now_iso(),
+            "plugins": list(self.plugins()),
+            "timestamp": self.now_iso(),
         }
 
     def metrics(self) -> dict[str, Any]:
-        """Counters since start (the monitoring plugin adds rates and latency)."""
-        hub = self.hub
+        """Counters since start, plus what plugins add (:meth:`add_metrics`)."""
+        counters = self.counters
         uptime = max(time.time() - self.started_at, 1e-9)
-        errors = sum(hub.errors.values())
+        errors = sum(counters.errors.values())
+        received = counters.frames_received
         result: dict[str, Any] = {
-            "connections": {"active": hub.active, "total": hub.total, "peak": hub.peak},
+            "connections": {
+                "active": len(self._hub.connections),
+                "total": counters.connections_total,
+                "peak": counters.connections_peak,
+            },
             "messages": {
-                "received": hub.frames_received,
-                "sent": hub.frames_sent,
-                "perSecond": round(hub.frames_received / uptime, 3),
+                "received": received,
+                "sent": counters.frames_sent,
+                "perSecond": round(received / uptime, 3),
             },
             "errors": {
                 "total": errors,
-                "rate": round(errors / max(hub.frames_received, 1), 6),
-                "byCode": dict(hub.errors),
+                "rate": round(errors / max(received, 1), 6),
+                "byCode": dict(counters.errors),
             },
-            "closes": {str(k): v for k, v in hub.closes.items()},
-            "handshakes": {"rejected": dict(hub.rejected)},
-            "pluginFailures": {f"{h}:{p}": n for (h, p), n in self.hooks.failures.items()},
+            "closes": {str(k): v for k, v in counters.closes.items()},
+            "sessions": {"known": len(self._hub.sessions), "resumes": counters.resumes},
+            "requests": {"running": len(self._hub.running), "retries": counters.retries},
+            "handshakes": {"rejected": dict(counters.rejected)},
+            "pluginFailures": {f"{h}:{p}": n for (h, p), n in self.hook_failures().items()},
             "broker": {
                 "name": self.broker.name,
                 "instance": self.broker.instance,
                 "ready": self.broker.ready,
                 # a networked broker's events (transitions, gaps, dropped writes, ...)
                 "events": dict(getattr(self.broker, "counters", {})),
-                "control": dict(hub.control),
+                "control": dict(counters.control),
             },
         }
-        for provider in list(self.metrics_providers.values()):
+        sizes = getattr(self.broker, "sizes", None)  # a broker that can tell what it keeps
+        if sizes is not None:
+            result["broker"]["sessions"] = sizes()
+        for provider in list(self._metrics.values()):
             config_mod.merge(result, provider())
         return result
+
+    def hook_failures(self) -> dict[tuple[str, str], int]:
+        """Plugin hook failures so far, by ``(hook, plugin)``."""
+        return dict(self._gateway.failures)
+
+    def add_metrics(self, name: str, provider: Callable[[], dict[str, Any]] | None) -> None:
+        """Deep-merge ``provider()`` into every :meth:`metrics` result (None removes it)."""
+        if provider is None:
+            self._metrics.pop(name, None)
+        else:
+            self._metrics[name] = provider
+
+    def alert(self, name: str, state: str, details: dict[str, Any] | None = None) -> None:
+        """Tell ``alert`` observers that alert ``name`` is ``"firing"`` or ``"resolved"``."""
+        self._gateway.notify("alert", name=name, state=state, details=details or {})
 
     def spawn(self, func: Callable[[], Awaitable[Any]]) -> None:
         """Run ``func()`` in the background while the App serves; cancelled at shutdown.
@@ -297,13 +374,6 @@ class App:
             self._task_group.start_soon(self._guarded, func)
         else:
             self._background.append(func)
-
-    def _start_background(self, tg: anyio.abc.TaskGroup) -> None:
-        """Start what :meth:`spawn` was given before ``tg`` (the serving task group) existed."""
-        self._task_group = tg
-        waiting, self._background = self._background, []
-        for func in waiting:
-            tg.start_soon(self._guarded, func)
 
     async def _guarded(self, func: Callable[[], Awaitable[Any]]) -> None:
         try:
@@ -317,40 +387,50 @@ class App:
             level.upper() if isinstance(level, str) else level
         )
 
-    def slow_consumer(self, conn: Connection, why: str = "not reading") -> None:
-        """Close a client that stopped reading (its session keeps what it missed)."""
-        self.hub.count_error("slow_consumer")
-        conn.close(CloseCode.TRY_AGAIN_LATER, f"slow consumer: {why}")
+    # -------------------------------------------------------- the transport side
+
+    @property
+    def routes(self) -> dict[str, RouteHandler]:
+        """HTTP GET routes served beside the WebSocket, by path (built at start-up)."""
+        return self._routes
+
+    def accept(self, request: HttpRequest, transport: Transport, runtime: Runtime) -> Connection:
+        """A new connection for a completed WebSocket handshake (for transports: the
+        standalone drivers, the ASGI adapter, the test kit). The transport runs its
+        ``run()`` as a task and feeds it ``on_message`` / ``on_closed``."""
+        return Connection(self, self._hub, request, transport, runtime)
 
     # --------------------------------------------------------------- lifecycle
 
     async def _startup(self) -> None:
-        try:
-            await self.hooks.call_all("startup", app=self)
-            chosen = await self.hooks.call_first("broker", app=self)
-        except HookFailed as exc:
-            raise StartupError(str(exc)) from exc
-        if chosen is not None:
-            self.broker = chosen
-        self.broker.on_control(self.hub.on_control)
+        gateway = self._gateway
+        await gateway.setup_async("startup", app=self)
+        chosen = await gateway.setup_async("broker", app=self)
+        if chosen:
+            self.broker = self._hub.broker = chosen[0]
+        self.broker.on_control(self._hub.on_control)
         await self.broker.start()
-        self.pipeline.build()
-        self.routes = {"/healthz": self._healthz, "/readyz": self._readyz}
-        self.routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
-        if self.config["server"]["demo"]:
-            self.routes["/"] = _static("demo.html", "text/html; charset=utf-8")
+        self._pipeline.build()
+        self._hub.observe()
+        routes: dict[str, RouteHandler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
+        if self.settings.server.demo:
+            routes["/"] = _static("demo.html", "text/html; charset=utf-8")
 
-        def add_route(method: str, path: str, handler: RouteHandler) -> None:
-            if method.upper() != "GET":
-                raise StartupError(f"route {method} {path}: only GET routes are served")
-            if path in self.routes or path == self.config["server"]["path"]:
-                raise StartupError(f"route {path} is already taken")
-            self.routes[path] = handler
+        def registrar(plugin: str) -> dict[str, Any]:
+            def register(method: str, path: str, handler: RouteHandler) -> None:
+                if method.upper() != "GET":
+                    raise StartupError(
+                        f"plugin {plugin!r}: route {method} {path}: only GET routes are served"
+                    )
+                if path in routes or path == self.settings.server.path:
+                    raise StartupError(f"plugin {plugin!r}: route {path} is already taken")
+                routes[path] = handler
 
-        try:
-            self.hooks.call_sync("http_routes", register=add_route)
-        except HookFailed as exc:
-            raise StartupError(str(exc)) from exc
+            return {"register": register}
+
+        gateway.setup("http_routes", registrar)
+        self._routes = routes
 
     def _healthz(self, request: HttpRequest) -> HttpResponse:
         return json_response(self.health())
@@ -359,129 +439,73 @@ class App:
         health = self.health()
         return json_response(health, 200 if health["ready"] else 503)
 
-    def _server_options(self) -> ServerOptions:
-        server = self.config["server"]
-        runtime_endpoint = Connection
-
-        def endpoint(request: HttpRequest, transport: Any, runtime: Any) -> Connection:
-            return runtime_endpoint(self, request, transport, runtime)
-
-        return ServerOptions(
-            endpoint=endpoint,
-            ws_path=server["path"],
-            max_size=server["max_message_size"],
-            origins=server["origins"],
-            compression=server["compression"],
-            handshake_timeout=server["handshake_timeout"],
-            close_timeout=min(5.0, self.config["heartbeat"]["timeout"]),
-            routes=self.routes,
-            on_reject=self.hub.count_rejected,
-        )
-
     @asynccontextmanager
-    async def run(
-        self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False
-    ) -> AsyncIterator[App]:
-        """Serve inside ``async with``; on exit, shut down gracefully.
-
-        ``app.port`` holds the bound port (useful with ``port=0``). ``reuse_port``: listen with
-        SO_REUSEPORT, so several processes share the port (``backchannel serve --workers N``).
-        """
-        server_cfg = self.config["server"]
-        host = server_cfg["host"] if host is None else host
-        port = server_cfg["port"] if port is None else port
-        listen_scope = anyio.CancelScope()
-        asyncio_server: asyncio.Server | None = None
-        runtime: AsyncioRuntime | None = None
-
-        async def listen(tg: anyio.abc.TaskGroup) -> None:
-            nonlocal asyncio_server, runtime
-            options = self._server_options()
-            if sniffio.current_async_library() == "asyncio":
-                asyncio_server, runtime = await serve_asyncio(
-                    options, host, port, reuse_port=reuse_port
-                )
-                self.port = asyncio_server.sockets[0].getsockname()[1]
-            else:
-                bound = anyio.Event()
-
-                def started(p: int) -> None:
-                    self.port = p
-                    bound.set()
-
-                async def serve() -> None:
-                    with listen_scope:
-                        await serve_anyio(
-                            options, host, port, tg, started=started, reuse_port=reuse_port
-                        )
-
-                tg.start_soon(serve)
-                await bound.wait()
-
-        def stop_listening() -> None:
-            if asyncio_server is not None:
-                asyncio_server.close()
-            listen_scope.cancel()
-
-        def drained() -> None:
-            if runtime is not None:
-                for task in list(runtime.tasks):
-                    task.cancel()
-
-        async with self._lifecycle(listen, stop_listening, drained):
-            log.info(
-                "listening on ws://%s:%s%s (%s; plugins: %s)",
-                host,
-                self.port,
-                server_cfg["path"],
-                sniffio.current_async_library(),
-                ", ".join(self._order),
-            )
-            yield self
-
-    @asynccontextmanager
-    async def _lifecycle(
-        self,
-        listen: Callable[[anyio.abc.TaskGroup], Awaitable[None]],
-        stop_listening: Callable[[], None],
-        drained: Callable[[], None],
-    ) -> AsyncIterator[None]:
-        """Start-up, ``listen``, the hub's background tasks; on exit, ``stop_listening``, the
-        graceful drain, ``drained`` (cancel what is left), then the ``shutdown`` hooks.
-
-        Shared by :meth:`run` (a TCP listener) and the ASGI adapter's lifespan
-        (:mod:`backchannel.asgi`, whose connections come from the ASGI server).
+    async def serving(self, listener: Listener) -> AsyncIterator[App]:
+        """Serve while inside: start-up, ``listener.listen``, the periodic checks
+        (heartbeat, handler deadlines, slow consumers, session expiry) and what plugins
+        gave :meth:`spawn`; on exit ``listener.stop``, the graceful drain,
+        ``listener.abandon``, then the ``shutdown`` hooks. The one lifecycle of the
+        standalone server (:meth:`run`), the ASGI adapter and the test kit.
         """
         if self._stop is None:  # else stop() came first (SIGTERM during start-up): honour it
             self._stop = anyio.Event()
+        self._hub.shutting_down = False  # (an App may serve again after a shutdown)
         await self._startup()
         try:
             async with anyio.create_task_group() as tg:
-                await listen(tg)
-                tg.start_soon(self.hub.watch)
-                tg.start_soon(self.hub.heartbeat)
-                self._start_background(tg)
+                await listener.listen(self, tg)
+                tg.start_soon(self._hub.watch)
+                tg.start_soon(self._hub.heartbeat)
+                self._task_group = tg
+                waiting, self._background = self._background, []
+                for func in waiting:
+                    tg.start_soon(self._guarded, func)
                 self._ready = True
                 try:
-                    yield
+                    yield self
                 finally:
                     with anyio.CancelScope(shield=True):
-                        stop_listening()
+                        listener.stop()
                         await self._drain()
-                        drained()
+                        listener.abandon()
                         tg.cancel_scope.cancel()
         finally:
             self._ready = False
             self._stop = None
             self._task_group = None
-            await self.hooks.notify_async("shutdown", app=self)
+            await self._gateway.notify_async("shutdown", app=self)
             await self.broker.stop()
 
     async def _drain(self) -> None:
-        await self.hub.drain(self.config["shutdown"]["grace"])
-        with anyio.move_on_after(min(5.0, self.config["heartbeat"]["timeout"]) + 1):
-            while self.hub.connections:
+        await self._hub.drain(self.settings.shutdown.grace)
+        with anyio.move_on_after(min(5.0, self.settings.heartbeat.timeout) + 1):
+            while self._hub.connections:
                 await anyio.sleep(0.01)
+
+    @asynccontextmanager
+    async def run(
+        self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False
+    ) -> AsyncIterator[App]:
+        """Serve on TCP inside ``async with``; on exit, shut down gracefully.
+
+        ``app.port`` holds the bound port (useful with ``port=0``). ``reuse_port``: listen with
+        SO_REUSEPORT, so several processes share the port (``backchannel serve --workers N``).
+        """
+        from .server import TcpListener
+
+        server = self.settings.server
+        host = server.host if host is None else host
+        port = server.port if port is None else port
+        async with self.serving(TcpListener(host, port, reuse_port=reuse_port)):
+            log.info(
+                "listening on ws://%s:%s%s (%s; plugins: %s)",
+                host,
+                self.port,
+                server.path,
+                sniffio.current_async_library(),
+                ", ".join(self.plugins()),
+            )
+            yield self
 
     async def serve_forever(
         self, host: str | None = None, port: int | None = None, *, reuse_port: bool = False
@@ -512,17 +536,16 @@ class App:
                 assert self._stop is not None
                 await self._stop.wait()
 
-        self._task = asyncio.get_running_loop().create_task(main())
+        self._task = task = asyncio.get_running_loop().create_task(main())
         waiter = asyncio.ensure_future(ready.wait())
-        await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        if self._task.done():
-            self._task.result()  # re-raise the start-up error
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # re-raise the start-up error
 
     async def wait_stopped(self) -> None:
         """After :meth:`stop`, wait until the background server of :meth:`start` ended."""
-        task = getattr(self, "_task", None)
-        if task is not None:
-            await task
+        if self._task is not None:
+            await self._task
 
 
 def _static(name: str, content_type: str) -> RouteHandler:
@@ -536,7 +559,3 @@ def _split(type: str | dict[str, Any], content: Any) -> tuple[str, Any]:
     if isinstance(type, dict):
         return str(type["type"]), type.get("content", {})
     return type, {} if content is None else content
-
-
-_installed = plugins.installed
-_load = plugins.load

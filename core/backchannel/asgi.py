@@ -53,7 +53,7 @@ import sniffio
 
 from .http import HttpRequest, HttpResponse
 from .runtime import AnyioRuntime, AsyncioRuntime, Runtime, Signal
-from .server import Endpoint, ServerOptions, _route
+from .server import Endpoint, ServerOptions, options_for, route
 from .websocket import SUBPROTOCOL
 
 if TYPE_CHECKING:
@@ -106,30 +106,12 @@ class AsgiApp:
         """
         if self._options is not None:
             raise RuntimeError("this backchannel ASGI app is already running")
-        tasks: AsyncioRuntime | None = None
-
-        async def listen(tg: anyio.abc.TaskGroup) -> None:
-            nonlocal tasks
-            if sniffio.current_async_library() == "asyncio":
-                self._runtime = tasks = AsyncioRuntime()
-            else:  # Trio (e.g. under hypercorn): requests run in the App's task group
-                self._runtime = AnyioRuntime(tg)
-            self._options = self.app._server_options()
-            self._accepting = True
-
-        def stop_listening() -> None:
-            self._accepting = False
-
-        def drained() -> None:
-            for task in list(tasks.tasks if tasks is not None else ()):
-                task.cancel()
-
         try:
-            async with self.app._lifecycle(listen, stop_listening, drained):
+            async with self.app.serving(_Lifespan(self)):
                 log.info(
                     "serving over ASGI (%s; WebSocket path %s)",
                     sniffio.current_async_library(),
-                    self.app.config["server"]["path"],
+                    self.app.settings.server.path,
                 )
                 yield
         finally:
@@ -165,7 +147,7 @@ class AsgiApp:
             if request.path == options.ws_path:
                 response = HttpResponse(426, _UPGRADE, headers={"Upgrade": "websocket"})
             else:
-                response = await _route(options, request)
+                response = await route(options, request)
         headers = [
             (b"content-type", response.content_type.encode()),
             (b"content-length", str(len(response.body)).encode()),
@@ -211,6 +193,30 @@ class AsgiApp:
             # frame, go out if the peer reads again in time (as from a TCP send buffer).
             with anyio.move_on_after(options.close_timeout):
                 await socket.flush()
+
+
+class _Lifespan:
+    """The App's :class:`~backchannel.app.Listener` while an ASGI server runs it: the ASGI
+    server accepts the connections; this opens and closes the door."""
+
+    def __init__(self, asgi: AsgiApp) -> None:
+        self.asgi = asgi
+        self.tasks: AsyncioRuntime | None = None
+
+    async def listen(self, app: App, group: anyio.abc.TaskGroup) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            self.asgi._runtime = self.tasks = AsyncioRuntime()
+        else:  # Trio (e.g. under hypercorn): requests run in the App's task group
+            self.asgi._runtime = AnyioRuntime(group)
+        self.asgi._options = options_for(app)
+        self.asgi._accepting = True
+
+    def stop(self) -> None:
+        self.asgi._accepting = False
+
+    def abandon(self) -> None:
+        for task in list(self.tasks.tasks if self.tasks is not None else ()):
+            task.cancel()
 
 
 class _Socket:
@@ -362,7 +368,7 @@ async def _refuse(app: App, scope: Scope, send: Send, why: str) -> None:
     Not ``websocket.http.response`` for other statuses: uvicorn logs an error for each.
     """
     log.info("handshake rejected 403 from %s: %s", scope.get("client"), why)
-    app.hub.count_rejected("403")
+    app.counters.reject("403")
     await send({"type": "websocket.close", "code": 1008})
 
 

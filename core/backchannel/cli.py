@@ -17,11 +17,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import pluggy
 
 from . import config as config_mod
-from . import hookspecs, plugins
+from . import plugins
 from .errors import StartupError
+from .hooks import Gateway
 
 if TYPE_CHECKING:
     from .app import App
@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config, overrides=_overrides(args))
         _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
-        app = App(cfg)
+        app = App(cfg, environ={})  # (cfg has the environment and the flags already)
     except StartupError as exc:
         print(f"backchannel: {exc}", file=sys.stderr)
         return 2
@@ -141,7 +141,7 @@ def _cannot_supervise(app: App) -> str | None:
         return f"{what} needs a fixed port: with port 0 each worker would get a different one"
     if not hasattr(socket, "SO_REUSEPORT"):
         return f"{what} needs SO_REUSEPORT, which this platform lacks; run one process per port"
-    if not app.pm.hook.broker.get_hookimpls():
+    if not any("broker" in hooks for hooks in app.plugins().values()):
         return (
             f'{what} needs a shared broker: enable the redis plugin (add "redis" to '
             "plugins.enabled); the in-memory broker keeps sessions and rooms in one process"
@@ -340,10 +340,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             "enabled": name in enabled,
         }
         try:
-            pm = pluggy.PluginManager(hookspecs.PROJECT)
-            pm.add_hookspecs(hookspecs)
-            pm.register(plugins.load(name, {name: info}), name=name)
-            row["hooks"] = sorted(h.name for h in pm.get_hookcallers(pm.get_plugin(name)) or [])
+            gateway = Gateway()
+            gateway.register(plugins.load(name, {name: info}), name)
+            row["hooks"] = gateway.plugins()[name]
         except StartupError as exc:
             row["error"] = str(exc)
         rows.append(row)
@@ -392,13 +391,12 @@ def _plugin_commands(sub: Any) -> None:
     for name, info in available.items():
         module, _, _ = info.entry_point.value.partition(":")
         try:
-            pm = pluggy.PluginManager(hookspecs.PROJECT)
-            pm.add_hookspecs(hookspecs)
             obj = plugins.load(name, {name: info})
             if not hasattr(obj, "cli_commands"):
                 continue
-            pm.register(obj, name=name)
-            pm.hook.cli_commands(subparsers=sub)
+            gateway = Gateway()
+            gateway.register(obj, name)
+            gateway.setup("cli_commands", {"subparsers": sub})
         except Exception as exc:  # a broken plugin must not break the CLI
             print(f"backchannel: plugin {name!r} ({module}): {exc}", file=sys.stderr)
 

@@ -1,10 +1,11 @@
 """Configuration: ``backchannel.toml``, environment overrides, CLI flags, one schema.
 
-Precedence, lowest first: the schema's defaults, the TOML file, environment
-variables ``BACKCHANNEL_<SECTION>__<KEY>`` (``__`` separates levels; values are
-parsed as JSON when they parse, else taken as strings), then CLI flags.
-The result is checked against ``schemas/config.schema.json`` and each enabled
-plugin's own schema; every error names the dotted key and what is allowed.
+Precedence, lowest first: the schema's defaults, the TOML file (or the dict given to
+``App``), environment variables ``BACKCHANNEL_<SECTION>__<KEY>`` (``__`` separates
+levels; values are parsed as JSON when they parse, else taken as strings), then CLI
+flags. The result is checked against ``schemas/config.schema.json`` and each enabled
+plugin's own schema; every error names the dotted key and what is allowed. The kernel
+reads its settings from one typed :class:`Settings`, built once from the checked dict.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import os
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,15 @@ import orjson
 from .contracts import compile_schema, format_path, load_schema, rule
 from .errors import StartupError
 
-__all__ = ["ENV_PREFIX", "apply_defaults", "check", "check_plugin", "load", "kernel_schema"]
+__all__ = [
+    "ENV_PREFIX",
+    "Settings",
+    "apply_defaults",
+    "check",
+    "check_plugin",
+    "kernel_schema",
+    "load",
+]
 
 ENV_PREFIX = "BACKCHANNEL_"
 
@@ -119,14 +129,22 @@ def check_plugin(data: dict[str, Any], name: str, schema: dict[str, Any] | None)
 
 
 def load(
-    path: str | os.PathLike[str] | None = None,
+    source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Read, merge and check the kernel config (plugins are checked when loaded)."""
+    """Read, merge and check the kernel config (plugins are checked when loaded).
+
+    ``source`` is a TOML file, a dict shaped like one, or None (the defaults); the
+    environment (``os.environ`` unless ``environ`` is given) overrides it the same way
+    in all three cases, and ``overrides`` (CLI flags) override both.
+    """
     data: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(source, Mapping):
+        merge(data, source)
+    elif source is not None:
+        path = source
         try:
             with Path(path).open("rb") as f:
                 data = tomllib.load(f)
@@ -138,3 +156,111 @@ def load(
     if overrides:
         merge(data, overrides)
     return check(data)
+
+
+# ------------------------------------------------------------------ typed settings
+# One dataclass per section of schemas/config.schema.json, field for field (a test keeps
+# them equal), so the kernel reads ``settings.session.ttl`` instead of string keys.
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    backend: str
+    uvloop: bool
+    path: str
+    max_connections: int
+    max_message_size: int
+    compression: str
+    handshake_timeout: float
+    origins: list[str] | None
+    demo: bool
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatSettings:
+    interval: float
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSettings:
+    timeout: float
+    max_in_flight: int
+    max_queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    send_queue_size: int
+    slow_consumer_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    outbox_size: int
+    outbox_max_bytes: int
+    ttl: float
+    dedupe_window: float
+    dedupe_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownSettings:
+    grace: float
+
+
+@dataclass(frozen=True, slots=True)
+class HooksSettings:
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    allow_anonymous: bool
+    anonymous_permissions: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The kernel's settings, checked and defaulted (``app.settings``); plugin tables are
+    read with ``app.plugin_config(name)``."""
+
+    server: ServerSettings
+    heartbeat: HeartbeatSettings
+    message: MessageSettings
+    connection: ConnectionSettings
+    session: SessionSettings
+    shutdown: ShutdownSettings
+    hooks: HooksSettings
+    auth: AuthSettings
+    log: LogSettings
+    #: enabled plugins, by name, in call order
+    plugins: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Settings:
+        """Build from a config checked by :func:`check` (every kernel key present)."""
+        sections = {name: kind(**cfg[name]) for name, kind in _SECTIONS.items()}
+        return cls(plugins=tuple(cfg["plugins"]["enabled"]), **sections)
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "heartbeat": HeartbeatSettings,
+    "message": MessageSettings,
+    "connection": ConnectionSettings,
+    "session": SessionSettings,
+    "shutdown": ShutdownSettings,
+    "hooks": HooksSettings,
+    "auth": AuthSettings,
+    "log": LogSettings,
+}

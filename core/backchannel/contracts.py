@@ -101,10 +101,19 @@ def rule(error: jsonschema_rs.ValidationError) -> str:
 def violations(
     validator: Validator, instance: Any, prefix: str = "", limit: int = 10
 ) -> list[dict[str, str]]:
-    """The first ``limit`` failures as ``{"path", "rule"}`` objects, safe to show."""
+    """The first ``limit`` failures as ``{"path", "rule"}`` objects, safe to show.
+
+    ``jsonschema-rs`` checks any depth, but cannot describe a failure inside a value
+    nested 256 levels or more ("Recursion limit reached"): that instance is reported
+    as one failure of the whole, without a traceback.
+    """
     found = []
-    for error in validator.iter_errors(instance):
-        found.append({"path": format_path(list(error.instance_path), prefix), "rule": rule(error)})
-        if len(found) >= limit:
-            break
+    try:
+        for error in validator.iter_errors(instance):
+            path = format_path(list(error.instance_path), prefix)
+            found.append({"path": path, "rule": rule(error)})
+            if len(found) >= limit:
+                break
+    except ValueError:
+        return [{"path": prefix or "(root)", "rule": "invalid, and nested too deeply to say where"}]
     return found

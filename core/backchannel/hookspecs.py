@@ -1,56 +1,118 @@
 """Every hook a backchannel plugin can implement, in lifecycle order.
 
-This module is the reference for plugin authors. Each hook is called by the
-kernel's hook caller (:mod:`backchannel.hooks`), never with pluggy's
-``firstresult`` flag, because a hook may return an awaitable and the kernel
-awaits it before deciding anything.
+This module is the reference for plugin authors. Each hookspec declares, in code, its
+*kind* (the failure policy the kernel applies), how results combine, whether it may
+return an awaitable, and the result it may return. The kernel calls hooks only
+through its gateway (:mod:`backchannel.hooks`), which checks each result and applies
+the policy, never through pluggy's ``firstresult`` (which cannot see through an
+un-awaited coroutine). :data:`SPECS` holds the declarations by hook name.
 
 Call order: implementations run in the order their plugins are named in config
 (``[plugins] enabled``), then in-process plugins added with ``App.use`` in the order
 added. ``tryfirst``/``trylast`` on a hookimpl move it to the front or back.
+``wrapper=True``/``hookwrapper=True`` implementations are refused at registration:
+they would wrap the *creation* of a coroutine, not its execution (use
+``wrap_handler`` for middleware).
 
-Failure policy, by kind of hook:
+Kinds (:class:`Kind`):
 
-* gatekeepers (``authenticate``, ``connect``, ``validate``) fail closed: an
-  exception rejects that connection (close 1011, or the ``Reject`` code) or that
-  message (``handler_error``, or the ``BackchannelError`` code);
-* set-up hooks (``config_schema``, ``startup``, ``message_types``, ``wrap_handler``,
-  ``broker``, ``http_routes``) fail start-up, naming the plugin;
-* observers (``connection_added``, ``connection_removed``, ``message_received``,
-  ``message_sent``, ``error``, ``alert``, ``on_error``, ``disconnect``,
-  ``session_resumed``, ``session_expired``, ``control_message``, ``shutdown``)
-  log the failure with the plugin's name, count it, and carry on.
+* **set-up** (``config_schema``, ``message_types``, ``wrap_handler``, ``broker``,
+  ``http_routes``, ``cli_commands``, ``startup``): an exception, a wrong result or a
+  time-out stops start-up with one line naming the plugin and the hook;
+* **gatekeeper** (``authenticate``, ``connect``, ``validate``) fails closed: an
+  exception, a wrong result, an awaitable that fails or one that outlives its time
+  rejects that connection (close 1011, or the ``Reject`` code) or that message
+  (``handler_error``, or the ``BackchannelError`` code), with one log line naming the
+  plugin and the hook;
+* **dispatch** (``handle``): called only for the owner of a message type; whatever
+  it does, the request gets its one answer (``handler_error`` for a crash or an
+  invalid reply, ``timeout`` past ``message.timeout``);
+* **observer** (everything else) is told what happened: a failure (exception, wrong
+  result, time-out) is logged with the plugin's name, counted, and the kernel carries
+  on.
 
-Hooks marked *sync only* are on the hot path and must not return an awaitable.
+Hooks marked *sync only* are on the hot path and must not return an awaitable; an
+awaitable returned from one is closed, logged and counted as a failure. Awaitables
+returned from the others are awaited for at most ``hooks.timeout`` seconds
+(``validate`` and ``handle``: ``message.timeout``).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
+
+from .errors import BackchannelError
+from .model import Deferred, Principal
 
 if TYPE_CHECKING:
     from .app import App
     from .broker import Broker
-    from .errors import BackchannelError
-    from .hub import Connection, Session
-    from .model import Message, Principal
+    from .connection import Connection
+    from .model import Message
+    from .session import Session
 
-__all__ = ["hookimpl", "hookspec", "PROJECT"]
+__all__ = ["PROJECT", "SPECS", "HookSpec", "Kind", "hookimpl", "hookspec"]
 
 PROJECT = "backchannel"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Kind(enum.Enum):
+    """A hook's failure policy (see the module docstring)."""
+
+    SETUP = "set-up"
+    GATEKEEPER = "gatekeeper"
+    DISPATCH = "dispatch"
+    OBSERVER = "observer"
+
+
+@dataclass(frozen=True, slots=True)
+class HookSpec:
+    """What the kernel promises about one hook, and checks."""
+
+    name: str
+    kind: Kind
+    #: the first non-None result wins and the rest are not called
+    first_result: bool = False
+    #: the implementation may return an awaitable (else: sync only)
+    awaitable: bool = False
+    #: what a non-None result must be (an instance check; "callable" for callables);
+    #: None: the result is ignored
+    returns: type | tuple[type, ...] | str | None = None
+
+
+#: every hook's declaration, by name
+SPECS: dict[str, HookSpec] = {}
+
+
+def _spec(
+    kind: Kind,
+    *,
+    first_result: bool = False,
+    awaitable: bool = False,
+    returns: type | tuple[type, ...] | str | None = None,
+) -> Callable[[_F], _F]:
+    def declare(func: _F) -> _F:
+        SPECS[func.__name__] = HookSpec(func.__name__, kind, first_result, awaitable, returns)
+        return hookspec(func)
+
+    return declare
 
 
 # --------------------------------------------------------------------------
 # start-up
 
 
-@hookspec
+@_spec(Kind.SETUP, returns=dict)
 def config_schema() -> dict[str, Any] | None:
     """Return the JSON Schema of this plugin's ``[plugins.<name>]`` settings table.
 
@@ -61,12 +123,15 @@ def config_schema() -> dict[str, Any] | None:
     """
 
 
-@hookspec
+@_spec(Kind.SETUP)
 def message_types(register: Callable[..., None]) -> None:
     """Declare the message types this plugin owns, by calling ``register``.
 
     ``register(name, *, schema=None, permission=None, handler=None, timeout=None)``:
 
+    * ``name``: what clients send as ``type``: 1-64 characters of ``a-z 0-9 _ . -``,
+      starting with a letter (the envelope's rule; any other name fails start-up),
+      and not ``cancel`` (the kernel's).
     * ``schema``: JSON Schema (dict) for the request's ``content``; checked before
       any ``validate`` hook.
     * ``permission``: the permission a principal needs to send this type, or None.
@@ -79,7 +144,7 @@ def message_types(register: Callable[..., None]) -> None:
     """
 
 
-@hookspec
+@_spec(Kind.SETUP, returns="callable")
 def wrap_handler(type: str, handler: Callable[..., Any]) -> Callable[..., Any] | None:
     """Wrap the handler of message type ``type`` (middleware, the seed's ``next()``).
 
@@ -90,7 +155,7 @@ def wrap_handler(type: str, handler: Callable[..., Any]) -> Callable[..., Any] |
     """
 
 
-@hookspec
+@_spec(Kind.SETUP, first_result=True, awaitable=True, returns="broker")
 def broker(app: App) -> Broker | None:
     """Return the broker this App should use (the first non-None result wins).
 
@@ -99,7 +164,7 @@ def broker(app: App) -> Broker | None:
     """
 
 
-@hookspec
+@_spec(Kind.SETUP)
 def http_routes(register: Callable[..., None]) -> None:
     """Add plain HTTP routes served on the WebSocket port, by calling ``register``.
 
@@ -109,7 +174,7 @@ def http_routes(register: Callable[..., None]) -> None:
     """
 
 
-@hookspec
+@_spec(Kind.SETUP)
 def cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add sub-commands to the ``backchannel`` CLI.
 
@@ -120,12 +185,13 @@ def cli_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """
 
 
-@hookspec
+@_spec(Kind.SETUP, awaitable=True)
 def startup(app: App) -> None:
     """The App is starting: open resources, read ``app.plugin_config(name)``.
 
     Called once, after config is checked and before the server listens; may
-    return an awaitable, which is awaited. An exception fails start-up.
+    return an awaitable, which is awaited (for at most ``hooks.timeout``). An
+    exception fails start-up.
     """
 
 
@@ -133,30 +199,40 @@ def startup(app: App) -> None:
 # connection
 
 
-@hookspec
-def authenticate(connection: Connection) -> Principal | None:
+@_spec(Kind.GATEKEEPER, first_result=True, awaitable=True, returns=(Principal, Deferred))
+def authenticate(connection: Connection) -> Principal | Deferred | None:
     """Say who is connecting, from the handshake (headers, query, remote address).
 
     Called once per connection, right after the WebSocket handshake; may return an
-    awaitable. The first non-None principal wins and the rest are not called.
-    None from every plugin gives the anonymous principal (see the ``auth``
-    settings). Raise :class:`backchannel.Reject` (e.g. 4001) to close the
-    connection.
+    awaitable. The first non-None result wins and the rest are not called:
+
+    * a :class:`backchannel.Principal`: the connection is that principal;
+    * :data:`backchannel.DEFERRED`: admit the connection without a principal, to
+      authenticate later with ``init`` (the plugin then calls
+      ``connection.authenticate(principal)``); until then every request but
+      ``init`` is answered ``unauthorized`` before its type is looked up, and
+      nothing the connection is sent is kept for a resume;
+    * None from every plugin: the anonymous principal (see the ``auth`` settings).
+
+    Raise :class:`backchannel.Reject` (e.g. 4001) to close the connection. Anything
+    else (another exception, another kind of result, an awaitable that fails or
+    outlives ``hooks.timeout``) closes it with 1011.
     """
 
 
-@hookspec
+@_spec(Kind.GATEKEEPER, awaitable=True)
 def connect(connection: Connection) -> None:
     """Decide whether an authenticated connection may stay.
 
     Called for every plugin, in call order, after ``authenticate``; may return
-    an awaitable. Raise :class:`backchannel.Reject` to close with its code.
-    Messages that arrive meanwhile wait and are handled once every ``connect``
-    returned.
+    an awaitable (awaited for at most ``hooks.timeout``). Raise
+    :class:`backchannel.Reject` to close with its code; any other failure closes
+    with 1011. Messages that arrive meanwhile wait and are handled once every
+    ``connect`` returned.
     """
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def connection_added(connection: Connection) -> None:
     """Observer, sync only: a connection was accepted (after ``connect``)."""
 
@@ -165,7 +241,7 @@ def connection_added(connection: Connection) -> None:
 # message
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def message_received(message: Message, connection: Connection) -> None:
     """Observer, sync only: a request passed the envelope contract.
 
@@ -173,20 +249,22 @@ def message_received(message: Message, connection: Connection) -> None:
     """
 
 
-@hookspec
+@_spec(Kind.GATEKEEPER, awaitable=True)
 def validate(message: Message, connection: Connection) -> None:
     """Check a request before it is handled; raise to reject it.
 
     Called for every request whose type is registered, after the type's content
-    schema accepted it, in call order; may return an awaitable. Raise
+    schema accepted it, in call order; may return an awaitable (its time counts
+    against ``message.timeout``). Raise
     :class:`backchannel.BackchannelError` (``validation_failed``, ``rate_limited``,
     ``forbidden``, ...) to answer with that error; any other exception answers
-    ``handler_error`` and is logged with the plugin's name. Mutating
-    ``message.content`` (e.g. sanitizing text) is allowed. Returns nothing.
+    ``handler_error`` and is logged with the plugin's name, as does any result but
+    None (or an awaitable of None). Mutating ``message.content`` (e.g. sanitizing
+    text) is allowed.
     """
 
 
-@hookspec
+@_spec(Kind.DISPATCH, awaitable=True)
 def handle(message: Message, connection: Connection) -> Any:
     """Answer a request of a type this plugin registered.
 
@@ -200,7 +278,7 @@ def handle(message: Message, connection: Connection) -> Any:
     """
 
 
-@hookspec
+@_spec(Kind.OBSERVER, first_result=True, returns=BackchannelError)
 def on_error(message: Message | None, connection: Connection, error: BaseException) -> Any:
     """A handler or hook failed with an unexpected exception; map it, or observe it.
 
@@ -210,7 +288,7 @@ def on_error(message: Message | None, connection: Connection, error: BaseExcepti
     """
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def message_sent(connection: Connection | None, frame: dict[str, Any]) -> None:
     """Observer, sync only: a frame was sent to a session (after ``seq``).
 
@@ -219,12 +297,20 @@ def message_sent(connection: Connection | None, frame: dict[str, Any]) -> None:
     """
 
 
-@hookspec
-def error(connection: Connection, message_id: str | None, error: BackchannelError) -> None:
-    """Observer, sync only: an ``error`` frame was sent (``message_id`` is its replyTo)."""
+@_spec(Kind.OBSERVER)
+def error(
+    connection: Connection,
+    message_id: str | None,
+    error: BackchannelError,
+    message: Message | None,
+) -> None:
+    """Observer, sync only: an ``error`` frame was sent (``message_id`` is its replyTo).
+
+    ``message`` is the request it answers when the envelope was valid, else None.
+    """
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def alert(name: str, state: str, details: dict[str, Any]) -> None:
     """Observer, sync only: an alert changed ``state`` (``"firing"`` or ``"resolved"``)."""
 
@@ -233,15 +319,16 @@ def alert(name: str, state: str, details: dict[str, Any]) -> None:
 # end
 
 
-@hookspec
+@_spec(Kind.OBSERVER, awaitable=True)
 def disconnect(connection: Connection, code: int) -> None:
     """A connection closed with ``code``; release per-connection resources.
 
-    Called for every plugin; may return an awaitable. Failures are logged.
+    Called for every plugin; may return an awaitable (awaited for at most
+    ``hooks.timeout``). Failures are logged.
     """
 
 
-@hookspec
+@_spec(Kind.OBSERVER, awaitable=True)
 def session_resumed(session: Session, connection: Connection) -> None:
     """A connection resumed ``session`` (after its missed frames were replayed).
 
@@ -250,7 +337,7 @@ def session_resumed(session: Session, connection: Connection) -> None:
     """
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def control_message(app: App, message: dict[str, Any]) -> None:
     """Observer, sync only: another process sharing the broker told this one ``message``
     (``app.broker.tell``) with an ``op`` the kernel does not handle itself (it handles
@@ -258,18 +345,21 @@ def control_message(app: App, message: dict[str, Any]) -> None:
     and ignore the others; delivery between processes is at most once."""
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def session_expired(session: Session) -> None:
     """Observer, sync only: ``session`` is gone from this process: it outlived
     ``session.ttl`` without a connection, or another process sharing the broker
     resumed it (took it over); release what it held here (room memberships, ...)."""
 
 
-@hookspec
+@_spec(Kind.OBSERVER)
 def connection_removed(connection: Connection, code: int) -> None:
     """Observer, sync only: a connection is gone (after ``disconnect``)."""
 
 
-@hookspec
+@_spec(Kind.OBSERVER, awaitable=True)
 def shutdown(app: App) -> None:
-    """The App is stopping: close resources. May return an awaitable; failures are logged."""
+    """The App is stopping: close resources.
+
+    May return an awaitable (awaited for at most ``hooks.timeout``); failures are logged.
+    """

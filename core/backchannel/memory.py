@@ -198,6 +198,17 @@ class MemoryBroker:
         """Bytes held by session outboxes (frames only), for budgets and metrics."""
         return sum(entry.size for entry in self.sessions.values())
 
+    def sizes(self) -> dict[str, int]:
+        """What the sessions keep: outbox frames and bytes, remembered answers, detached
+        sessions (``app.metrics()["broker"]["sessions"]``)."""
+        logs = list(self.sessions.values())
+        return {
+            "frames": sum(len(entry.frames) for entry in logs),
+            "bytes": sum(entry.size for entry in logs),
+            "dedupe": sum(len(entry.answers) for entry in logs),
+            "detached": len(self.detached),
+        }
+
     # control messages: one process, so only this one can be told -----------
 
     def on_control(self, listener: ControlListener) -> None:

@@ -6,7 +6,16 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["Message", "Principal", "Reply", "Stash", "StashKey"]
+__all__ = [
+    "DEFERRED",
+    "Deferred",
+    "Message",
+    "MessageType",
+    "Principal",
+    "Reply",
+    "Stash",
+    "StashKey",
+]
 
 T = TypeVar("T")
 
@@ -56,6 +65,36 @@ class Principal:
         if "*" in self.permissions or permission in self.permissions:
             return True
         return any(fnmatch.fnmatchcase(permission, p) for p in self.permissions)
+
+
+class Deferred:
+    """The type of :data:`DEFERRED`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DEFERRED"
+
+
+#: What an ``authenticate`` hook returns to admit a connection that will authenticate
+#: later, with ``init`` (see the hookspec): until ``connection.authenticate(principal)``
+#: it has no principal, only ``init`` is served, and nothing it is sent is kept.
+DEFERRED = Deferred()
+
+
+@dataclass(frozen=True, slots=True)
+class MessageType:
+    """A registered message type, as ``app.message_types()`` describes it."""
+
+    name: str
+    #: the plugin that registered it
+    plugin: str
+    #: JSON Schema of the request's ``content`` (None: any object)
+    schema: dict[str, Any] | None
+    #: what a principal needs to send it (None: nothing)
+    permission: str | None
+    #: seconds its handler may take (between chunks when streaming)
+    timeout: float
 
 
 class StashKey(Generic[T]):

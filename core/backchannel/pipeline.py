@@ -1,10 +1,11 @@
 """The per-message pipeline (DESIGN §5) and the type → handler table it dispatches on.
 
-After the envelope contract (checked on arrival by :class:`~backchannel.hub.Connection`):
-type lookup → permission → the type's content schema → ``validate`` hooks →
-handler under ``message.timeout`` → exactly one terminal answer (reply, ``ack``
-or ``error``). Everything here is built once at start-up; a message costs one dict
-lookup and direct calls, no plugin discovery.
+After the envelope contract (checked on arrival by :class:`~backchannel.inbox.Inbox`):
+a principal (every request but ``init`` of a connection that has none is answered
+``unauthorized``, before anything about types leaks) → type lookup → permission → the
+type's content schema → ``validate`` hooks → handler under ``message.timeout`` →
+exactly one terminal answer (reply, ``ack`` or ``error``). Everything here is built
+once at start-up; a message costs one dict lookup and direct calls, no plugin discovery.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .config import Settings
 from .contracts import Validator, compile_schema, load_schema, violations
 from .errors import BackchannelError, ErrorCode, StartupError
-from .hooks import HookFailed, bind
-from .model import Message, Reply
+from .hooks import Gateway, HookFailed
+from .model import Message, MessageType, Reply
+from .runtime import Interrupt
 
 if TYPE_CHECKING:
-    from .app import App
-    from .hub import Connection, Job
+    from .connection import Connection
+    from .inbox import Job
 
 __all__ = ["Pipeline", "Rest", "TypeEntry", "adapt_handler"]
 
@@ -33,11 +36,16 @@ log = logging.getLogger("backchannel.pipeline")
 Handler = Callable[[Message, "Connection"], Any]
 _ARGS = ("message", "connection")
 _INTERRUPTED = {
-    "timeout": (ErrorCode.TIMEOUT, "handler did not answer within {timeout:g} s"),
-    "cancelled": (ErrorCode.CANCELLED, "cancelled by the client"),
-    "shutting_down": (ErrorCode.SHUTTING_DOWN, "server shut down before the handler finished"),
-    "expired": (ErrorCode.CANCELLED, "the session expired"),
+    Interrupt.TIMEOUT: (ErrorCode.TIMEOUT, "handler did not answer within {timeout:g} s"),
+    Interrupt.CANCELLED: (ErrorCode.CANCELLED, "cancelled by the client"),
+    Interrupt.SHUTTING_DOWN: (
+        ErrorCode.SHUTTING_DOWN,
+        "server shut down before the handler finished",
+    ),
+    Interrupt.EXPIRED: (ErrorCode.CANCELLED, "the session expired"),
 }
+#: the one type a connection without a principal may send
+INIT = "init"
 _monotonic = time.monotonic
 _isawaitable = inspect.isawaitable
 _isasyncgen = inspect.isasyncgen
@@ -45,7 +53,7 @@ _isasyncgen = inspect.isasyncgen
 
 @dataclass(slots=True)
 class TypeEntry:
-    """One registered message type."""
+    """One registered message type, as the pipeline dispatches it."""
 
     name: str
     plugin: str
@@ -55,18 +63,21 @@ class TypeEntry:
     timeout: float
     schema: dict[str, Any] | None
 
+    def describe(self) -> MessageType:
+        return MessageType(self.name, self.plugin, self.schema, self.permission, self.timeout)
+
 
 @dataclass(slots=True)
 class Rest:
     """What is left of a request after :meth:`Pipeline.start`: an awaitable to finish.
 
-    ``pending`` is a validator's awaitable (``validator`` is its index) or the
-    handler's coroutine or async generator (``validator`` is None).
+    ``pending`` is what is left of the ``validate`` hooks (``validating``: the handler
+    runs after it) or the handler's coroutine or async generator.
     """
 
     entry: TypeEntry
     pending: Any
-    validator: int | None
+    validating: bool
 
     def discard(self) -> None:
         """Close a coroutine that will never be awaited (no 'never awaited' warning)."""
@@ -104,31 +115,30 @@ def adapt_handler(func: Callable[..., Any]) -> Handler:
 class Pipeline:
     """The compiled pipeline of one App."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        cfg = app.config
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        self.gateway = gateway
         self.envelope: Validator = compile_schema(
             load_schema("backchannel", "envelope.schema.json")
         )
-        self.timeout: float = cfg["message"]["timeout"]
-        self.max_queued: int = cfg["message"]["max_queued"]
-        self.max_in_flight: int = cfg["message"]["max_in_flight"]
+        self._type_name: Validator = compile_schema(
+            load_schema("backchannel", "envelope.schema.json")["properties"]["type"]
+        )
+        self.timeout: float = settings.message.timeout
+        self.max_queued: int = settings.message.max_queued
+        self.max_in_flight: int = settings.message.max_in_flight
         self.types: dict[str, TypeEntry] = {}
-        self.validators: list[tuple[str, Handler]] = []
-        self.observe_sent = False
-        self.observe_errors = False
-        self.observe_received = False
+        self._validate: Callable[[Message, Connection], Any] | None = None
+        self._observe_received = False
 
     # ----------------------------------------------------------------- build
 
     def build(self) -> None:
         """Collect types, wrap handlers and validators from the hooks (start-up only)."""
-        hooks = self.app.hooks
+        gateway = self.gateway
         types: dict[str, TypeEntry] = {}
-        handles = {impl.plugin_name: impl for impl in hooks.impls("handle")}
-        for impl in hooks.impls("message_types"):
-            plugin = impl.plugin_name
+        owners = {impl.plugin_name for impl in gateway.impls("handle")}
 
+        def registrar(plugin: str) -> dict[str, Any]:
             def register(
                 name: str,
                 *,
@@ -136,69 +146,71 @@ class Pipeline:
                 permission: str | None = None,
                 handler: Callable[..., Any] | None = None,
                 timeout: float | None = None,
-                _plugin: str = plugin,
             ) -> None:
-                if name == "cancel":
-                    raise StartupError(f"plugin {_plugin!r}: 'cancel' is a kernel message type")
-                if name in types:
-                    raise StartupError(
-                        f"message type {name!r} is registered by both plugin "
-                        f"{types[name].plugin!r} and plugin {_plugin!r}; disable one of them"
-                    )
-                if handler is None:
-                    owner = handles.get(_plugin)
-                    if owner is None:
-                        raise StartupError(
-                            f"plugin {_plugin!r} registers type {name!r} without a handler "
-                            f"and implements no 'handle' hook"
-                        )
-                    handler = bind(owner, _ARGS)
-                else:
-                    handler = adapt_handler(handler)
-                try:
-                    validator = compile_schema(schema) if schema else None
-                except Exception as exc:
-                    raise StartupError(
-                        f"plugin {_plugin!r}: schema of type {name!r} is invalid: {exc}"
-                    ) from exc
-                types[name] = TypeEntry(
-                    name,
-                    _plugin,
-                    handler,
-                    validator,
-                    permission,
-                    self.timeout if timeout is None else timeout,
-                    schema,
+                types[name] = self._entry(
+                    plugin, name, schema, permission, handler, timeout, types, owners
                 )
 
-            try:
-                impl.function(*[{"register": register}[n] for n in impl.argnames])
-            except StartupError:
-                raise
-            except Exception as exc:
-                raise StartupError(
-                    f"plugin {plugin!r} failed in hook 'message_types': {exc!r}"
-                ) from exc
-        wrappers = list(reversed(hooks.impls("wrap_handler")))  # first plugin outermost
+            return {"register": register}
+
+        gateway.setup("message_types", registrar)
         for entry in types.values():
-            for impl in wrappers:
-                args = {"type": entry.name, "handler": entry.handler}
-                try:
-                    wrapped: Any = impl.function(*[args[n] for n in impl.argnames])
-                except Exception as exc:
-                    raise StartupError(
-                        f"plugin {impl.plugin_name!r} failed in hook 'wrap_handler' "
-                        f"for type {entry.name!r}: {exc!r}"
-                    ) from exc
-                if wrapped is not None:
-                    entry.handler = adapt_handler(wrapped)
+            entry.handler = adapt_handler(gateway.wrap(entry.name, entry.handler))
         self.types = types
-        self.validators = [
-            (impl.plugin_name, bind(impl, _ARGS)) for impl in hooks.impls("validate")
-        ]
-        self.observe_sent = hooks.has("message_sent")
-        self.observe_errors = hooks.has("error")
-        self.observe_received = hooks.has("message_received")
+        self._validate = gateway.gatekeeper("validate", _ARGS)
+        self._observe_received = gateway.has("message_received")
+
+    def _entry(
+        self,
+        plugin: str,
+        name: str,
+        schema: dict[str, Any] | None,
+        permission: str | None,
+        handler: Callable[..., Any] | None,
+        timeout: float | None,
+        types: dict[str, TypeEntry],
+        owners: set[str],
+    ) -> TypeEntry:
+        """One ``register(...)`` call, checked: a mistake fails start-up naming the plugin."""
+        what = f"plugin {plugin!r} registers type {name!r}"
+        if not isinstance(name, str) or not self._type_name.is_valid(name):
+            raise StartupError(
+                f"plugin {plugin!r} registers type {name!r}, which no request can carry: a type "
+                "is 1-64 characters of a-z, 0-9, '_', '.', '-', starting with a letter"
+            )
+        if name == "cancel":
+            raise StartupError(f"{what}: 'cancel' is a kernel message type")
+        if name in types:
+            raise StartupError(
+                f"message type {name!r} is registered by both plugin "
+                f"{types[name].plugin!r} and plugin {plugin!r}; disable one of them"
+            )
+        if permission is not None and not isinstance(permission, str):
+            raise StartupError(f"{what} with a permission that is not a string")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        ):
+            raise StartupError(f"{what} with timeout {timeout!r}: a number of seconds > 0")
+        if handler is None:
+            if plugin not in owners:
+                raise StartupError(f"{what} without a handler and implements no 'handle' hook")
+            handler = self.gateway.implementation("handle", plugin, _ARGS)
+        elif not callable(handler):
+            raise StartupError(f"{what} with a handler that is not callable")
+        try:
+            validator = compile_schema(schema) if schema else None
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise StartupError(f"{what}: its schema is invalid: {first_line}") from exc
+        return TypeEntry(
+            name,
+            plugin,
+            adapt_handler(handler),
+            validator,
+            permission,
+            self.timeout if timeout is None else float(timeout),
+            schema,
+        )
 
     # --------------------------------------------------------------- process
 
@@ -210,38 +222,40 @@ class Pipeline:
         :meth:`finish` when a validator or the handler returned an awaitable.
         """
         try:
+            principal = conn.principal
+            if principal is None and message.type != INIT:
+                raise BackchannelError(
+                    ErrorCode.UNAUTHORIZED, "authenticate first: send init with a token"
+                )
             entry = self.types.get(message.type)
             if entry is None:
                 raise BackchannelError(
                     ErrorCode.UNKNOWN_TYPE, f"unknown message type {message.type!r}"
                 )
-            if self.observe_received:
-                self.app.hooks.notify("message_received", message=message, connection=conn)
+            if self._observe_received:
+                self.gateway.notify("message_received", message=message, connection=conn)
             permission = entry.permission
-            if permission is not None and not conn.principal.allows(permission):  # type: ignore[union-attr]
+            if permission is not None and (principal is None or not principal.allows(permission)):
                 raise BackchannelError(
                     ErrorCode.FORBIDDEN, f"permission {permission!r} is required"
                 )
-            if entry.validator is not None and not entry.validator.is_valid(message.content):
-                details = violations(entry.validator, message.content, "content")
+            validator = entry.validator
+            if validator is not None and not validator.is_valid(message.content):
+                details = violations(validator, message.content, "content")
                 text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
                 raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
-            for index, (plugin, check) in enumerate(self.validators):
-                try:
-                    result = check(message, conn)
-                except BackchannelError:
-                    raise
-                except Exception as exc:
-                    raise HookFailed("validate", plugin, exc) from exc
-                if result is not None and _isawaitable(result):
-                    return Rest(entry, result, index)
+            validate = self._validate
+            if validate is not None:
+                pending = validate(message, conn)
+                if pending is not None:
+                    return Rest(entry, pending, True)
             result = _call_handler(entry, message, conn)
             if (
                 result is not None
                 and type(result) is not dict
                 and (_isawaitable(result) or _isasyncgen(result))
             ):
-                return Rest(entry, result, None)
+                return Rest(entry, result, False)
             self._answer(conn, message, result)
         except Exception as exc:
             self._fail(conn, message, exc)
@@ -251,51 +265,26 @@ class Pipeline:
         """Await what :meth:`start` left, under the job's deadline; send the one answer."""
         message = job.message
         try:
-            if await conn.runtime.run(job, self._rest, conn, job, rest):
+            if await job.runtime.run(job, self._rest, conn, job, rest):
                 self._answer(conn, message, job.result)
             else:
                 rest.discard()
-                code, text = _INTERRUPTED[job.reason or "cancelled"]
+                code, text = _INTERRUPTED[job.reason or Interrupt.CANCELLED]
                 conn.send_error(
-                    message.id, BackchannelError(code, text.format(timeout=rest.entry.timeout))
+                    message.id,
+                    BackchannelError(code, text.format(timeout=rest.entry.timeout)),
+                    message,
                 )
         except Exception as exc:
             self._fail(conn, message, exc)
-
-    async def process(self, conn: Connection, job: Job) -> None:
-        """Handle one request to its one terminal answer, whatever happens."""
-        rest = self.start(conn, job.message)
-        if rest is not None:
-            await self.finish(conn, job, rest)
-
-    def _fail(self, conn: Connection, message: Message, exc: Exception) -> None:
-        if isinstance(exc, BackchannelError):
-            conn.send_error(message.id, exc, message)
-        elif isinstance(exc, HookFailed):
-            self.app.hooks.count_failure(exc.hook, exc.plugin)
-            self._failed(conn, message, exc.cause, f"plugin {exc.plugin!r} failed in {exc.hook}")
-        else:
-            log.exception("answer failed conn=%s msg=%s", conn.id, message.id)
-            self._failed(conn, message, exc, "handler failed")
 
     async def _rest(self, conn: Connection, job: Job, rest: Rest) -> None:
         message = job.message
         entry = rest.entry
         job.deadline = _monotonic() + entry.timeout  # bounds slow validate hooks too
         result = rest.pending
-        if rest.validator is not None:
-            validators = self.validators
-            current = rest.validator  # the validator whose awaitable is pending
-            try:
-                await result
-                for current in range(rest.validator + 1, len(validators)):
-                    result = validators[current][1](message, conn)
-                    if result is not None and _isawaitable(result):
-                        await result
-            except BackchannelError:
-                raise
-            except Exception as exc:
-                raise HookFailed("validate", validators[current][0], exc) from exc
+        if rest.validating:
+            await result
             job.deadline = _monotonic() + entry.timeout
             result = _call_handler(entry, message, conn)
         try:
@@ -355,31 +344,36 @@ class Pipeline:
         )
         return ref
 
-    def _failed(self, conn: Connection, message: Message, exc: BaseException, what: str) -> None:
-        """An unexpected exception: let ``on_error`` map it, else ``handler_error`` with a ref."""
-        hooks = self.app.hooks
-        for impl in hooks.impls("on_error"):
-            try:
-                args = {"message": message, "connection": conn, "error": exc}
-                mapped = impl.function(*[args[n] for n in impl.argnames])
-            except Exception:
-                hooks.record_failure("on_error", impl.plugin_name)
-                continue
-            if isinstance(mapped, BackchannelError):
-                conn.send_error(message.id, mapped, message)
-                return
+    def _fail(self, conn: Connection, message: Message, exc: Exception) -> None:
+        """The one answer of a request that failed: its own error, an ``on_error`` mapping,
+        or ``handler_error`` with a ref to the one log line naming the plugin."""
+        if isinstance(exc, BackchannelError):
+            conn.send_error(message.id, exc, message)
+            return
+        cause = exc.cause if isinstance(exc, HookFailed) else exc
+        mapped = self.gateway.first("on_error", message=message, connection=conn, error=cause)
+        if isinstance(exc, HookFailed):
+            self.gateway.count(exc)
+        if mapped is not None:
+            conn.send_error(message.id, mapped, message)
+            return
         ref = os.urandom(4).hex()
-        log.error(
-            "%s ref=%s conn=%s session=%s msg=%s type=%s",
-            what,
-            ref,
-            conn.id,
-            conn.session.id,
-            message.id,
-            message.type,
-            exc_info=exc,
-            extra={"connection_id": conn.id, "message_id": message.id, "ref": ref},
-        )
+        where = f"ref={ref} conn={conn.id} session={conn.session.id} msg={message.id}"
+        extra = {"connection_id": conn.id, "message_id": message.id, "ref": ref}
+        if isinstance(exc, HookFailed):
+            what = f"plugin {exc.plugin!r} failed in {exc.hook}"
+            log.error(
+                "%s %s type=%s: %s",
+                what,
+                where,
+                message.type,
+                exc.why,
+                exc_info=cause if exc.raised else None,
+                extra={**extra, "plugin": exc.plugin, "hook": exc.hook},
+            )
+        else:
+            what = "handler failed"
+            log.error("%s %s type=%s", what, where, message.type, exc_info=exc, extra=extra)
         conn.send_error(
             message.id,
             BackchannelError(

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import StartupError
 
-__all__ = ["GROUP", "PluginInfo", "installed", "load"]
+__all__ = ["GROUP", "PluginInfo", "installed", "load", "name_of"]
 
 GROUP = "backchannel.plugins"
 
@@ -68,3 +68,14 @@ def load(name: str, available: dict[str, PluginInfo] | None = None) -> Any:
             f"plugin {name!r} from distribution {info.distribution!r} {info.version} "
             f"failed to load: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def name_of(plugin: object) -> str | None:
+    """The name of the installed plugin whose entry point names ``plugin``'s class (so an
+    instance made in a test gets its settings table), else None."""
+    cls = type(plugin)
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for ep in entry_points(group=GROUP):
+        if ep.value == target:
+            return ep.name
+    return None

@@ -8,12 +8,26 @@ anyio runs on) uses events and cancel scopes. Both give the same semantics.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
 
-__all__ = ["AnyioRuntime", "AsyncioRuntime", "Interruptible", "Runtime", "Signal"]
+__all__ = ["AnyioRuntime", "AsyncioRuntime", "Interrupt", "Interruptible", "Runtime", "Signal"]
+
+
+class Interrupt(enum.Enum):
+    """Why running work was stopped from outside."""
+
+    #: past its deadline (``message.timeout``)
+    TIMEOUT = "timeout"
+    #: a ``cancel`` request named it
+    CANCELLED = "cancelled"
+    #: the server shut down before it finished (after ``shutdown.grace``)
+    SHUTTING_DOWN = "shutting_down"
+    #: its session expired
+    EXPIRED = "expired"
 
 
 class Signal(Protocol):
@@ -30,7 +44,7 @@ class Interruptible:
     __slots__ = ("reason", "handle")
 
     def __init__(self) -> None:
-        self.reason: str | None = None
+        self.reason: Interrupt | None = None
         self.handle: Any = None
 
 
@@ -43,7 +57,7 @@ class Runtime(Protocol):
         self, work: Interruptible, func: Callable[..., Awaitable[None]], *args: Any
     ) -> bool: ...
 
-    def interrupt(self, work: Interruptible, reason: str) -> None: ...
+    def interrupt(self, work: Interruptible, reason: Interrupt) -> None: ...
 
 
 class _FutureSignal:
@@ -102,7 +116,7 @@ class AsyncioRuntime:
         finally:
             work.handle = None
 
-    def interrupt(self, work: Interruptible, reason: str) -> None:
+    def interrupt(self, work: Interruptible, reason: Interrupt) -> None:
         if work.reason is None:
             work.reason = reason
             if work.handle is not None:
@@ -152,7 +166,7 @@ class AnyioRuntime:
                 work.handle = None
         return work.reason is None
 
-    def interrupt(self, work: Interruptible, reason: str) -> None:
+    def interrupt(self, work: Interruptible, reason: Interrupt) -> None:
         if work.reason is None:
             work.reason = reason
             if work.handle is not None:

@@ -24,21 +24,28 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import sniffio
 
 from .http import HttpRequest, HttpResponse, RouteHandler
 from .runtime import AnyioRuntime, AsyncioRuntime, Runtime
 from .websocket import Wire
+
+if TYPE_CHECKING:
+    from .app import App
 
 __all__ = [
     "AnyioDriver",
     "AsyncioDriver",
     "Endpoint",
     "ServerOptions",
+    "TcpListener",
+    "options_for",
+    "route",
     "serve_anyio",
     "serve_asyncio",
 ]
@@ -77,7 +84,9 @@ class ServerOptions:
     on_reject: Callable[[str], None] = lambda reason: None
 
 
-async def _route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
+async def route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
+    """Answer a plain HTTP request from the route table (404 when no route matches; 500,
+    logged, when the route fails)."""
     handler = options.routes.get(request.path)
     if handler is None:
         return HttpResponse(404, b"not found\n")
@@ -274,7 +283,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
         self._cancel_timer()
 
         async def respond() -> None:
-            response = await _route(self.options, request)
+            response = await route(self.options, request)
             if not self._closed:
                 self.wire.respond(response)
                 self._flush()
@@ -414,7 +423,7 @@ class AnyioDriver(_DriverBase):
             self.options.on_reject("timeout")
             return
         if self._pending_http is not None:
-            response = await _route(self.options, self._pending_http)
+            response = await route(self.options, self._pending_http)
             self.wire.respond(response)
             self._flush()
         with anyio.CancelScope() as self._read_scope:
@@ -478,3 +487,70 @@ async def serve_anyio(
 
     async with listener:
         await listener.serve(handle, task_group=task_group)
+
+
+def options_for(app: App) -> ServerOptions:
+    """What the drivers need, from the App's settings and routes (built at start-up)."""
+    server = app.settings.server
+    return ServerOptions(
+        endpoint=app.accept,
+        ws_path=server.path,
+        max_size=server.max_message_size,
+        origins=server.origins,
+        compression=server.compression,
+        handshake_timeout=server.handshake_timeout,
+        close_timeout=min(5.0, app.settings.heartbeat.timeout),
+        routes=app.routes,
+        on_reject=app.counters.reject,
+    )
+
+
+class TcpListener:
+    """The standalone server's :class:`~backchannel.app.Listener`: TCP on ``host:port`` with
+    the asyncio-native driver on asyncio, the anyio driver on anything else (Trio)."""
+
+    def __init__(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        self.host = host
+        self.port = port
+        self.reuse_port = reuse_port
+        self._server: asyncio.Server | None = None
+        self._runtime: AsyncioRuntime | None = None
+        self._scope = anyio.CancelScope()
+
+    async def listen(self, app: App, group: anyio.abc.TaskGroup) -> None:
+        options = options_for(app)
+        if sniffio.current_async_library() == "asyncio":
+            self._server, self._runtime = await serve_asyncio(
+                options, self.host, self.port, reuse_port=self.reuse_port
+            )
+            app.port = self._server.sockets[0].getsockname()[1]
+            return
+        bound = anyio.Event()
+
+        def started(port: int) -> None:
+            app.port = port
+            bound.set()
+
+        async def serve() -> None:
+            with self._scope:
+                await serve_anyio(
+                    options,
+                    self.host,
+                    self.port,
+                    group,
+                    started=started,
+                    reuse_port=self.reuse_port,
+                )
+
+        group.start_soon(serve)
+        await bound.wait()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._scope.cancel()
+
+    def abandon(self) -> None:
+        if self._runtime is not None:
+            for task in list(self._runtime.tasks):
+                task.cancel()

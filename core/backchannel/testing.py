@@ -32,8 +32,8 @@ import orjson
 import sniffio
 
 from .app import App
+from .connection import Connection
 from .http import HttpRequest
-from .hub import Connection
 from .runtime import AnyioRuntime
 
 __all__ = [
@@ -68,25 +68,25 @@ async def websocket(port: int, path: str = "/ws", **options: Any) -> AsyncIterat
             yield sock
 
 
+class _InMemory:
+    """A listener that listens to nothing: connections come from :func:`connect`."""
+
+    async def listen(self, app: App, group: anyio.abc.TaskGroup) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+    def abandon(self) -> None:
+        return None
+
+
 @asynccontextmanager
 async def serve_in_memory(app: App) -> AsyncIterator[App]:
-    """Start ``app`` (hooks, pipeline, periodic checks) without listening on a socket."""
-    await app._startup()
-    app._ready = True
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(app.hub.watch)
-            app._start_background(tg)  # what plugins gave app.spawn()
-            app._test_group = tg  # type: ignore[attr-defined]
-            try:
-                yield app
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        app._ready = False
-        app._task_group = None
-        await app.hooks.notify_async("shutdown", app=app)
-        await app.broker.stop()
+    """Start ``app`` without listening on a socket: the same lifecycle as a real server
+    (start-up, heartbeat, handler deadlines, session expiry, graceful drain, shutdown)."""
+    async with app.serving(_InMemory()):
+        yield app
 
 
 class _MemoryTransport:
@@ -188,7 +188,7 @@ async def connect(
         client_box: list[MemoryClient] = []
         transport = _MemoryTransport.__new__(_MemoryTransport)
         transport.blocked_since = None
-        connection = Connection(app, request, transport, AnyioRuntime(tg))
+        connection = app.accept(request, transport, AnyioRuntime(tg))
         client = MemoryClient(connection, receive, transport)
         client._frames = send
         transport.client = client

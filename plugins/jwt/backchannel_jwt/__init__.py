@@ -21,9 +21,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from backchannel import (
+    DEFERRED,
     App,
     BackchannelError,
     CloseCode,
@@ -33,6 +35,7 @@ from backchannel import (
     Principal,
     Reject,
     StashKey,
+    State,
     hookimpl,
 )
 from backchannel.contracts import load_schema
@@ -44,12 +47,10 @@ from .model import Rejected, Verified
 if TYPE_CHECKING:
     from .verify import Verifier
 
-__all__ = ["PENDING", "Plugin", "Rejected", "Verified"]
+__all__ = ["Plugin", "Rejected", "Verified"]
 
 log = logging.getLogger("backchannel.jwt")
 _PKG = "backchannel_jwt"
-#: prefix of the placeholder principal of a connection waiting for ``init {token}``
-PENDING = "pending:"
 
 
 @dataclass(slots=True)
@@ -118,7 +119,7 @@ class Plugin:
         self.refresh_before = cfg["refresh_before"]
         self.grace = cfg["expiry_grace"]
         self.leeway = cfg["leeway"]
-        app.metrics_providers["jwt"] = lambda: {"jwt": self.metrics()}
+        app.add_metrics("jwt", lambda: {"jwt": self.metrics()})
         app.spawn(self.deadlines.run)
 
     @hookimpl
@@ -156,21 +157,19 @@ class Plugin:
     # connection -------------------------------------------------------------
 
     @hookimpl
-    async def authenticate(self, connection: Connection) -> Principal | None:
+    async def authenticate(self, connection: Connection) -> Principal | object | None:
         token, source = self._handshake_token(connection)
         if token is None:
             app = self._app
-            if app.config["auth"]["allow_anonymous"]:
+            if app.settings.auth.allow_anonymous:
                 return None  # the kernel makes the anonymous principal
             if "init" in self.sources and self.init_timeout > 0:
                 connection.stash[_STATE] = _Auth(
                     pending=True, deadline=time.monotonic() + self.init_timeout
                 )
-                # Never reaches a handler: validate refuses every type but init, and the
-                # init wrapper replaces it before init runs. "*" lets the refusal be
-                # `unauthorized` rather than the kernel's `forbidden` for types that
-                # need a permission (the kernel checks permissions before validate).
-                return Principal(PENDING + connection.id[2:], frozenset({"*"}), anonymous=True)
+                # No principal until init {token}: the kernel answers every other
+                # request `unauthorized` before looking at its type, and keeps nothing.
+                return DEFERRED
             self._count_reject(connection, "no_token", source, "no token")
             return None  # the kernel closes 4001 (unless another plugin authenticates)
         try:
@@ -190,12 +189,9 @@ class Plugin:
     @hookimpl(tryfirst=True)
     def validate(self, message: Message, connection: Connection) -> None:
         state = connection.stash.get(_STATE, None)
-        if state is None:
+        if state is None or state.pending:  # (pending: the kernel lets only init through)
             return
-        if state.pending:
-            if message.type != "init":
-                raise _unauthorized("authenticate first: send init with a token")
-        elif (
+        if (
             state.expires_at is not None
             and time.time() > state.expires_at + self.leeway
             and message.type != "auth.refresh"
@@ -277,7 +273,7 @@ class Plugin:
         except Rejected as exc:
             # A bad credential ends the connection, as at the handshake. The close is
             # spawned, so it runs after this request's error answer has been written.
-            connection.runtime.spawn(self._close_soon, connection, exc.message)
+            self._app.spawn(partial(self._close_soon, connection, exc.message))
             raise _unauthorized(exc.message) from None
         state = connection.stash.get(_STATE, None)
         if state is not None and not state.pending:  # already authenticated with a token
@@ -288,27 +284,12 @@ class Plugin:
             raise BackchannelError(
                 ErrorCode.FORBIDDEN, "send the token in the connection's first init"
             )
-        await self._adopt(connection, verified.principal)
+        connection.authenticate(verified.principal)
         if state is None:
             state = connection.stash[_STATE] = _Auth(pending=False)
         state.pending = False
         self._renew(connection, state, verified)
         self._count_accept(connection, verified, "init")
-
-    async def _adopt(self, connection: Connection, principal: Principal) -> None:
-        """Make ``principal`` the connection's and its session's (as the kernel's
-        admission does): the session's log is reopened under the new principal,
-        keeping the frames already sent, so only this principal can resume it."""
-        session = connection.session
-        old = session.log
-        frames = await old.since(0) if session.seq else []
-        fresh = self._app.broker.open_session(session.id, principal.id)
-        first = session.seq - len(frames or ()) + 1
-        for offset, frame in enumerate(frames or ()):
-            fresh.append(first + offset, frame)
-        session.log = fresh
-        session.principal_id = principal.id
-        connection.principal = principal
 
     def _same_principal(self, connection: Connection, verified: Verified, source: str) -> None:
         current = connection.principal
@@ -317,10 +298,10 @@ class Plugin:
             raise BackchannelError(ErrorCode.FORBIDDEN, "the token names another principal")
 
     def _renew(self, connection: Connection, state: _Auth, verified: Verified) -> None:
-        connection.principal = verified.principal  # the new token's permissions apply
+        connection.authenticate(verified.principal)  # the new token's permissions apply
         state.expires_at = verified.expires_at
         state.warned = False
-        if connection.accepted:  # else connection_added plans it
+        if connection.state is State.OPEN:  # else connection_added plans it
             self._plan(connection, state)
 
     def _plan(self, connection: Connection, state: _Auth) -> None:
@@ -362,7 +343,7 @@ class Plugin:
     def _due(self, when: float, connection_id: str, state: _Auth) -> None:
         if when != state.next_at or state.done:
             return  # superseded by a refresh, or the connection left
-        connection = self._app.hub.connections.get(connection_id)
+        connection = self._app.connection(connection_id)
         if connection is not None and connection.stash.get(_STATE, None) is state:
             self._plan(connection, state)
 

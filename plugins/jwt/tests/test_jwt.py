@@ -176,7 +176,7 @@ def app_with(cfg: dict[str, Any], **kernel: Any) -> App:
 
 
 def plugin(app: App) -> JwtPlugin:
-    found = app.pm.get_plugin("jwt")
+    found = app.plugin("jwt")
     assert isinstance(found, JwtPlugin)
     return found
 
@@ -360,7 +360,7 @@ async def test_attack_at_the_handshake_closes_4001_logs_and_counts(
         assert await refused(app.port, **kwargs) == 4001
         assert plugin(app).rejected == {reason: 1}
         assert plugin(app).accepted == {}
-        assert app.hub.closes.get(4001) == 1
+        assert app.counters.closes.get(4001) == 1
         # the server still serves a good token afterwards
         async with ws_connect(app.port, **bearer(token())) as c:
             assert (await init(c))["principal"] == "alice"
@@ -625,7 +625,7 @@ async def test_token_in_init_authenticates_a_pending_connection(key_files: dict[
         assert conn.principal is not None and conn.principal.id == "alice"
         assert conn.session.principal_id == "alice"
         assert (await c.request("text", {"text": "hi"}))["content"]["from"] == "alice"
-    assert app.hub.errors["unauthorized"] == 3
+    assert app.counters.errors["unauthorized"] == 3
     assert plugin(app).accepted == {"init": 1}
 
 
@@ -640,7 +640,7 @@ async def test_without_a_token_in_init_a_pending_connection_is_closed_4001(
             assert await c.closed(timeout=3) == 4001
         assert 0.4 <= time.monotonic() - started < 3
         assert plugin(app).timed_out == 1
-        await eventually(lambda: app.hub.closes.get(4001) == 1)
+        await eventually(lambda: app.counters.closes.get(4001) == 1)
 
 
 async def test_a_bad_token_in_init_answers_unauthorized_then_closes_4001(
@@ -714,7 +714,7 @@ async def test_token_expiring_notice_then_4008_after_the_grace(key_files: dict[s
         assert await c.closed(timeout=5) == 4008
         assert time.time() >= notice["content"]["expiresAt"] + 0.5
         assert plugin(app).expired == 1
-        await eventually(lambda: app.hub.closes.get(4008) == 1)
+        await eventually(lambda: app.counters.closes.get(4008) == 1)
 
 
 async def test_after_exp_only_refresh_is_served_until_the_close(key_files: dict[str, str]) -> None:

@@ -29,10 +29,9 @@ import anyio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from backchannel import App, BackchannelError, Connection, hookimpl
+from backchannel import App, BackchannelError, Connection, Message, hookimpl
 from backchannel.contracts import load_schema
 from backchannel.http import HttpRequest, HttpResponse, json_response
-from backchannel.hub import now_iso
 
 from .alerts import Alerts, rules_from_config
 from .collector import KERNEL_FRAMES, AppCollector, registry_for
@@ -58,9 +57,7 @@ class _SentObserver:
     def message_sent(self, connection: Connection | None, frame: dict[str, Any]) -> None:
         plugin = self.plugin
         kind = frame["type"]
-        if kind not in KERNEL_FRAMES and (
-            plugin.app is None or kind not in plugin.app.pipeline.types
-        ):
+        if kind not in KERNEL_FRAMES and kind not in plugin.stats.types:
             kind = "other"
         key = (kind, "queued" if connection is None else "delivered")
         sent = plugin.stats.sent
@@ -98,8 +95,8 @@ class Plugin:
         self.snapshots = deque(maxlen=math.ceil(keep) + 2)
         self.series = deque(maxlen=math.ceil(cfg["history"] / cfg["interval"]) + 1)
         self.registry = registry_for(AppCollector(app, self.stats, self.alerts))
-        app.metrics_providers["monitoring"] = self.figures
-        if cfg["sent_by_type"] and app.pm.get_plugin("monitoring:sent") is None:
+        app.add_metrics("monitoring", self.figures)
+        if cfg["sent_by_type"] and "monitoring:sent" not in app.plugins():
             app.use(_SentObserver(self), "monitoring:sent")
         app.spawn(self._evaluate_forever)
 
@@ -126,22 +123,17 @@ class Plugin:
     # observers --------------------------------------------------------------
 
     @hookimpl
-    def error(
-        self, connection: Connection, message_id: str | None, error: BackchannelError
-    ) -> None:
-        """Count the error answer under its request's type (still pending), else ``unknown``."""
+    def error(self, error: BackchannelError, message: Message | None) -> None:
+        """Count the error answer under its request's type (a registered one), else
+        ``unknown``."""
         kind = "unknown"
-        if message_id is not None:
-            request = connection.session.pending.get(message_id)
-            if request is not None:
-                kind = getattr(request, "message", request).type
-                if kind not in self.stats.types:
-                    kind = "unknown"
+        if message is not None and message.type in self.stats.types:
+            kind = message.type
         self.stats.count_error(kind, error.code.value)
 
     @hookimpl
     def shutdown(self, app: App) -> None:
-        app.metrics_providers.pop("monitoring", None)
+        app.add_metrics("monitoring", None)
 
     # figures ----------------------------------------------------------------
 
@@ -173,7 +165,7 @@ class Plugin:
         win = self.window()
         return {
             "messages": {
-                "total": self.app.hub.frames_received,
+                "total": self.app.counters.frames_received,
                 "perSecond": round(win.per_second, 3),
                 "averageResponseTime": _ms(win.average),
                 "p99ResponseTime": _ms(win.p99),
@@ -184,7 +176,7 @@ class Plugin:
             },
             "window": round(win.seconds, 3),
             "uptime": round(time.time() - self.app.started_at, 3),
-            "timestamp": now_iso(),
+            "timestamp": self.app.now_iso(),
         }
 
     def tick(self) -> None:
@@ -227,7 +219,7 @@ class Plugin:
 
     def _notify(self, name: str, state: str, details: dict[str, Any]) -> None:
         if self.app is not None:
-            self.app.hooks.notify("alert", name=name, state=state, details=details)
+            self.app.alert(name, state, details)
 
     # routes -----------------------------------------------------------------
 
@@ -280,15 +272,14 @@ class Plugin:
         old, now = self._span()  # a plugin that failed within the window is unhealthy now
         failing = {p for p, n in now.failures.items() if n > old.failures.get(p, 0)}
         failures: dict[str, dict[str, int]] = {}
-        for (hook, plugin), n in app.hooks.failures.items():
+        for (hook, plugin), n in app.hook_failures().items():
             failures.setdefault(plugin, {})[hook] = n
         health = app.health()
+        hooks = app.plugins()
         plugins = [
             {
                 "name": name,
-                "hooks": sorted(
-                    h.name for h in app.pm.get_hookcallers(app.pm.get_plugin(name)) or []
-                ),
+                "hooks": hooks.get(name, []),
                 "failures": failures.get(name, {}),
                 "status": "failing" if name in failing else "ok",
             }

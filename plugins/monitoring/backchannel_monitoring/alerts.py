@@ -12,9 +12,8 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
-
-from backchannel.hub import now_iso
 
 __all__ = ["Alerts", "Rule", "rules_from_config"]
 
@@ -100,7 +99,7 @@ class Alerts:
         rule.firing = firing
         rule.pending_since = None
         state = "firing" if firing else "resolved"
-        at = now_iso()
+        at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         rule.since = at if firing else None
         details = {
             "value": rule.value,

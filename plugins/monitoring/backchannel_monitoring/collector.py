@@ -1,7 +1,7 @@
 """The Prometheus view of one App: a custom collector read at scrape time.
 
 Nothing here runs per message: every family is built from the kernel's counters
-(``app.hub``, ``app.hooks.failures``, ``app.broker``) and the plugin's
+(``app.counters``, ``app.metrics()``, ``app.hook_failures()``, ``app.broker``) and the plugin's
 :class:`~backchannel_monitoring.stats.Stats` when ``/metrics`` is scraped.
 Labels are bounded: message types come from the registered ones (others are
 ``unknown``), close codes from the documented set (others are ``other``), never
@@ -11,7 +11,7 @@ ids or room names.
 from __future__ import annotations
 
 from collections.abc import Container, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -23,7 +23,6 @@ from prometheus_client.core import (
 )
 
 from backchannel import __version__
-from backchannel.memory import MemoryBroker
 
 if TYPE_CHECKING:
     from backchannel import App
@@ -56,23 +55,24 @@ class AppCollector:
 
     def collect(self) -> Iterator[Metric]:
         app, stats = self.app, self.stats
-        hub = app.hub
+        counters = app.counters
+        connections = app.connections()
         yield InfoMetricFamily("backchannel", "Server version.", value={"version": __version__})
 
         active = GaugeMetricFamily("backchannel_connections_active", "Live connections.")
-        active.add_metric([], hub.active)
+        active.add_metric([], len(connections))
         yield active
         peak = GaugeMetricFamily("backchannel_connections_peak", "Most live connections at once.")
-        peak.add_metric([], hub.peak)
+        peak.add_metric([], counters.connections_peak)
         yield peak
         opened = CounterMetricFamily("backchannel_connections_opened", "Connections accepted.")
-        opened.add_metric([], hub.total)
+        opened.add_metric([], counters.connections_total)
         yield opened
         closed = CounterMetricFamily(
             "backchannel_connections_closed", "Connections closed, by close code.", labels=["code"]
         )
         by_code: dict[str, int] = {}
-        for code, n in hub.closes.items():
+        for code, n in counters.closes.items():
             label = str(code) if code in CLOSE_CODES else "other"
             by_code[label] = by_code.get(label, 0) + n
         for label, n in sorted(by_code.items()):
@@ -83,27 +83,26 @@ class AppCollector:
             "WebSocket handshakes refused, by HTTP status or 'timeout'.",
             labels=["reason"],
         )
-        for reason, n in sorted(hub.rejected.items()):
+        for reason, n in sorted(counters.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
         blocked = GaugeMetricFamily(
             "backchannel_connections_blocked",
             "Connections whose client is not reading (send buffer full).",
         )
-        blocked.add_metric(
-            [], sum(1 for c in hub.connections.values() if c.transport.blocked_since is not None)
-        )
+        blocked.add_metric([], sum(1 for c in connections if c.blocked_since is not None))
         yield blocked
 
-        yield from self._messages()
-        yield from self._sessions()
+        figures = app.metrics()
+        yield from self._messages(figures)
+        yield from self._sessions(figures)
 
         failures = CounterMetricFamily(
             "backchannel_plugin_hook_failures",
             "Plugin hook failures (logged, answered or isolated), by plugin and hook.",
             labels=["plugin", "hook"],
         )
-        for (hook, plugin), n in sorted(app.hooks.failures.items()):
+        for (hook, plugin), n in sorted(app.hook_failures().items()):
             failures.add_metric([plugin, hook], n)
         yield failures
 
@@ -126,7 +125,7 @@ class AppCollector:
             "Control messages from other instances handled here (send, broadcast, takeover).",
             labels=["op"],
         )
-        for op, n in sorted(app.hub.control.items()):
+        for op, n in sorted(counters.control.items()):
             control.add_metric([op], n)
         yield control
 
@@ -153,19 +152,19 @@ class AppCollector:
             refused.add_metric([route], n)
         yield refused
 
-    def _messages(self) -> Iterator[Metric]:
+    def _messages(self, figures: dict[str, Any]) -> Iterator[Metric]:
         app, stats = self.app, self.stats
-        hub = app.hub
-        types = app.pipeline.types
+        counters = app.counters
+        types = stats.types
         frames_in = CounterMetricFamily(
             "backchannel_frames_received", "WebSocket messages received (any content)."
         )
-        frames_in.add_metric([], hub.frames_received)
+        frames_in.add_metric([], counters.frames_received)
         yield frames_in
         frames_out = CounterMetricFamily(
             "backchannel_frames_sent", "Frames sent to sessions (every type)."
         )
-        frames_out.add_metric([], hub.frames_sent)
+        frames_out.add_metric([], counters.frames_sent)
         yield frames_out
 
         received = CounterMetricFamily(
@@ -201,7 +200,7 @@ class AppCollector:
             "Error frames sent (and slow consumers), by code.",
             labels=["code"],
         )
-        for code, n in sorted(hub.errors.items()):
+        for code, n in sorted(counters.errors.items()):
             errors.add_metric([code], n)
         yield errors
 
@@ -222,47 +221,42 @@ class AppCollector:
         running_now = GaugeMetricFamily(
             "backchannel_requests_running", "Requests being handled asynchronously now."
         )
-        running_now.add_metric([], len(hub.running))
+        running_now.add_metric([], figures["requests"]["running"])
         yield running_now
         retries = CounterMetricFamily(
             "backchannel_retries", "Retried requests answered again or attached (not run twice)."
         )
-        retries.add_metric([], hub.retries)
+        retries.add_metric([], counters.retries)
         yield retries
 
-    def _sessions(self) -> Iterator[Metric]:
-        hub = self.app.hub
+    def _sessions(self, figures: dict[str, Any]) -> Iterator[Metric]:
         sessions = GaugeMetricFamily(
             "backchannel_sessions", "Sessions this process knows (attached or within their ttl)."
         )
-        sessions.add_metric([], len(hub.sessions))
+        sessions.add_metric([], figures["sessions"]["known"])
         yield sessions
         resumes = CounterMetricFamily("backchannel_resumes", "Sessions resumed.")
-        resumes.add_metric([], hub.resumes)
+        resumes.add_metric([], self.app.counters.resumes)
         yield resumes
-        broker = self.app.broker
-        if isinstance(broker, MemoryBroker):  # the embedded broker's sizes (others: their own)
-            logs = list(broker.sessions.values())
-            frames = GaugeMetricFamily(
-                "backchannel_outbox_frames", "Frames kept in session outboxes for resume."
-            )
-            frames.add_metric([], sum(len(entry.frames) for entry in logs))
-            yield frames
-            size = GaugeMetricFamily(
-                "backchannel_outbox_bytes", "Bytes kept in session outboxes for resume."
-            )
-            size.add_metric([], sum(entry.size for entry in logs))
-            yield size
-            dedupe = GaugeMetricFamily(
-                "backchannel_dedupe_entries", "Answers remembered for safe retries."
-            )
-            dedupe.add_metric([], sum(len(entry.answers) for entry in logs))
-            yield dedupe
-            detached = GaugeMetricFamily(
-                "backchannel_sessions_detached", "Sessions without a connection, within their ttl."
-            )
-            detached.add_metric([], len(broker.detached))
-            yield detached
+        kept = figures.get("broker", {}).get("sessions")
+        if kept is not None:  # a broker that reports its session sizes (the embedded one)
+            for name, what, key in (
+                (
+                    "backchannel_outbox_frames",
+                    "Frames kept in session outboxes for resume.",
+                    "frames",
+                ),
+                ("backchannel_outbox_bytes", "Bytes kept in session outboxes for resume.", "bytes"),
+                ("backchannel_dedupe_entries", "Answers remembered for safe retries.", "dedupe"),
+                (
+                    "backchannel_sessions_detached",
+                    "Sessions without a connection, within their ttl.",
+                    "detached",
+                ),
+            ):
+                gauge = GaugeMetricFamily(name, what)
+                gauge.add_metric([], kept[key])
+                yield gauge
 
 
 def registry_for(collector: AppCollector) -> CollectorRegistry:

@@ -2,7 +2,7 @@
 
 The per-message cost is one wrapper around each type's handler (two clock reads, a
 ``bisect`` into the latency buckets, three integer/float updates), nothing else:
-connection, frame and error totals are the kernel's own counters (``app.hub``),
+connection, frame and error totals are the kernel's own counters (``app.counters``),
 read when someone looks. Latency is a histogram per type (Prometheus ``le``
 buckets); the window's p99 interpolates inside a bucket as ``histogram_quantile``
 does. Snapshots of the cumulative counters, one per evaluation tick, give every
@@ -141,7 +141,7 @@ class Figures:
 
 
 class Stats:
-    """The plugin's own counters for one App (the kernel's live in ``app.hub``)."""
+    """The plugin's own counters for one App (the kernel's live in ``app.counters``)."""
 
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds: tuple[float, ...] = tuple(sorted(set(bounds)))
@@ -197,18 +197,18 @@ class Stats:
         return total
 
     def snapshot(self, app: App) -> Snapshot:
-        hub = app.hub
+        counters = app.counters
         failures: dict[str, int] = {}
-        for (_, plugin), n in app.hooks.failures.items():
+        for (_, plugin), n in app.hook_failures().items():
             failures[plugin] = failures.get(plugin, 0) + n
         return Snapshot(
             t=time.monotonic(),
             wall=time.time(),
-            received=hub.frames_received,
-            errors=sum(hub.errors.values()),
+            received=counters.frames_received,
+            errors=sum(counters.errors.values()),
             counts=self.latency_counts(),
             latency_sum=sum(ts.sum for ts in self.types.values()),
-            connections=hub.active,
+            connections=len(app.connections()),
             failures=failures,
         )
 

@@ -52,7 +52,7 @@ def make_app(settings: dict[str, Any] | None = None, plugins: list[Any] | None =
 
 
 def monitoring(app: App) -> Monitoring:
-    plugin = app.pm.get_plugin("monitoring")
+    plugin = app.plugin("monitoring")
     assert isinstance(plugin, Monitoring)
     return plugin
 
@@ -157,7 +157,7 @@ async def test_metrics_count_traffic_by_type_outcome_and_code_with_bounded_label
             assert bad["content"]["code"] == "validation_failed"
             assert (await ws.request("", raw="not json"))["content"]["code"] == "bad_json"
             samples = await scrape(app.port)
-        await until(lambda: app.hub.active == 0)
+        await until(lambda: len(app.connections()) == 0)
         closed = await scrape(app.port)
 
     received = "backchannel_messages_received_total"
@@ -181,7 +181,7 @@ async def test_metrics_count_traffic_by_type_outcome_and_code_with_bounded_label
     assert 0 < value(samples, f"{hist}_sum", type="text") < 1
     assert value(samples, "process_resident_memory_bytes") > 0  # the process collector
     # bounded labels: registered types or "unknown", never an id
-    registered = set(app.pipeline.types) | {"unknown"}
+    registered = set(app.message_types()) | {"unknown"}
     for (name, labels), _ in samples.items():
         for key, label in labels:
             assert not ID_LIKE.search(label), (name, key, label)
@@ -390,7 +390,7 @@ async def test_connection_alert_fires_once_holds_between_thresholds_and_resolves
                 await second.request("ping", {})
                 await until(lambda: len(seen) == 1)
                 await ticks(plugin)
-            await until(lambda: app.hub.active == 1)
+            await until(lambda: len(app.connections()) == 1)
             await ticks(plugin, 5)  # 1 connection: above resolve, below threshold: no change
             assert [(n, s) for n, s, _ in seen] == [("connections", "firing")]
         await until(lambda: len(seen) == 2)

@@ -11,7 +11,6 @@ from typing import Any
 
 from backchannel import Connection, Message, Reply, hookimpl
 from backchannel.contracts import load_schema
-from backchannel.hub import now_iso
 
 __all__ = ["Plugin"]
 
@@ -25,7 +24,7 @@ class Plugin:
 
     @hookimpl
     def handle(self, message: Message, connection: Connection) -> Reply:
-        content: dict[str, Any] = {"serverTime": now_iso()}
+        content: dict[str, Any] = {"serverTime": connection.app.now_iso()}
         if "clientTime" in message.content:
             content["clientTime"] = message.content["clientTime"]
         return Reply("pong", content)

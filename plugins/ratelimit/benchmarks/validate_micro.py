@@ -26,9 +26,7 @@ from typing import Any
 from backchannel_ratelimit import Plugin as RateLimit
 
 from backchannel import App, BackchannelError, Message, Principal, hookimpl
-from backchannel.http import HttpRequest
-from backchannel.hub import Connection
-from backchannel.runtime import AsyncioRuntime
+from backchannel.testing import serve_in_memory
 
 __all__ = ["main"]
 
@@ -53,7 +51,6 @@ def _pipeline_micro() -> Any:
 
 
 _micro = _pipeline_micro()
-_Recorder = _micro._Recorder
 
 
 class _Alice:
@@ -64,39 +61,24 @@ class _Alice:
         return Principal("alice")
 
 
-async def _connection(app: App, n: int) -> tuple[Connection, Any]:
-    runtime = AsyncioRuntime()
-    recorder = _Recorder(n)
-    request = HttpRequest("GET", "/ws", {})
-    request.remote = ("192.0.2.1", 40000)
-    conn = Connection(app, request, recorder, runtime)
-    runtime.spawn(conn.run)
-    for _ in range(100):  # admitted (authenticate, connect)
-        if conn.accepted:
-            break
-        await asyncio.sleep(0.001)
-    return conn, recorder
-
-
 async def hook_cost(config: dict[str, Any], n: int) -> float:
     """µs per ``validate`` call, as the pipeline calls it."""
+    plugin = RateLimit()  # registered as "ratelimit" (its entry point), so its config applies
     app = App(
         {"log": {"level": "ERROR"}, "plugins": {"ratelimit": config}},
-        plugins=["text", "ratelimit", _Alice()],
+        plugins=["text", plugin, _Alice()],
     )
-    await app._startup()
-    conn, _ = await _connection(app, 1)
-    (_, validate) = app.pipeline.validators[0]
-    message = Message("m1", "text", {"text": "hello"})
-    started = time.process_time()
-    for _ in range(n):
-        try:  # noqa: SIM105 (contextlib.suppress would add its own cost to the figure)
-            validate(message, conn)
-        except BackchannelError:
-            pass
-    elapsed = time.process_time() - started
-    plugin = app.pm.get_plugin("ratelimit")
-    assert isinstance(plugin, RateLimit)
+    async with serve_in_memory(app):
+        conn, _ = await _micro.open_connection(app, 1, ("192.0.2.1", 40000))
+        validate = plugin.validate
+        message = Message("m1", "text", {"text": "hello"})
+        started = time.process_time()
+        for _ in range(n):
+            try:  # noqa: SIM105 (contextlib.suppress would add its own cost to the figure)
+                validate(message, conn)
+            except BackchannelError:
+                pass
+        elapsed = time.process_time() - started
     stats = plugin.stats()  # the measured calls really took the path they claim
     if config is NEVER_EMPTY:
         assert stats["principal_buckets"] == stats["ip_buckets"] == 1, stats
@@ -112,9 +94,9 @@ async def pipeline_cost(plugins: list[Any], n: int) -> float:
         {"log": {"level": "ERROR"}, "plugins": {"ratelimit": NEVER_EMPTY}},
         plugins=plugins,
     )
-    await app._startup()
-    conn, recorder = await _connection(app, n)
-    result: float = await _micro.cpu_per_request(conn, recorder, n)
+    async with serve_in_memory(app):
+        conn, recorder = await _micro.open_connection(app, n, ("192.0.2.1", 40000))
+        result: float = await _micro.cpu_per_request(conn, recorder, n)
     return result
 
 

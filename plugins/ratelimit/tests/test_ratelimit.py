@@ -61,7 +61,7 @@ def new_app(limits: dict[str, Any], *extra: Any, **config: Any) -> App:
 
 
 def plugin(app: App) -> RateLimit:
-    found = app.pm.get_plugin("ratelimit")
+    found = app.plugin("ratelimit")
     assert isinstance(found, RateLimit)
     return found
 
@@ -144,10 +144,10 @@ async def test_over_the_limit_answers_rate_limited_with_retry_after(
         content = error["content"]
         assert content["code"] == "rate_limited" and "per connection" in content["message"]
         assert content["retryAfter"] > 1000  # nothing refills at SLOW
-        assert app.hub.errors["rate_limited"] == 1
+        assert app.counters.errors["rate_limited"] == 1
         assert plugin(app).counts["rate_limited.connection"] == 1
         assert logged(caplog_rl, "rate_limited", error["replyTo"])
-        assert app.hub.active == 1
+        assert len(app.connections()) == 1
 
 
 async def test_retry_after_is_enough_to_be_served_again() -> None:
@@ -293,7 +293,7 @@ async def test_flood_of_10000_gets_one_answer_each_and_another_client_is_unaffec
     codes = result["codes"]
     assert set(codes) == {"text", "rate_limited"} and sum(codes.values()) == total
     assert burst <= codes["text"] <= burst + rate * result["elapsed"] + 1
-    assert app.hub.errors["rate_limited"] == codes["rate_limited"]
+    assert app.counters.errors["rate_limited"] == codes["rate_limited"]
     assert plugin(app).counts["rate_limited"] == codes["rate_limited"]
     report(f"{anyio_backend}, abuse off", result, quiet, during, record_property)
 
@@ -348,7 +348,7 @@ async def test_persistent_abuse_closes_1008_after_the_answer(
         last = await c.request("text", {"text": "x"})
         assert last["content"]["code"] == "rate_limited"  # answered before the close
         assert await c.closed() == 1008
-        await wait_until(lambda: app.hub.closes.get(1008) == 1)
+        await wait_until(lambda: app.counters.closes.get(1008) == 1)
         assert plugin(app).counts["abuse_closed"] == 1
         assert logged(caplog_rl, "rate-limit abuse", "closing 1008")
         assert (await bystander.request("text", {"text": "fine"}))["type"] == "text"
@@ -388,12 +388,12 @@ async def test_500_connections_from_one_ip_past_the_limit_get_1013(
                 await wait_until(lambda: len(outcomes) == total, timeout=50)
                 assert outcomes.count(None) == limit
                 assert outcomes.count(1013) == total - limit
-                assert app.hub.active == limit
-                assert app.hub.closes.get(1013) == total - limit
+                assert len(app.connections()) == limit
+                assert app.counters.closes.get(1013) == total - limit
                 assert rl.counts["ip_connections_rejected"] == total - limit
                 assert logged(caplog_rl, "per-IP connection limit", "127.0.0.1")
                 release.set()
-        await wait_until(lambda: app.hub.active == 0)
+        await wait_until(lambda: len(app.connections()) == 0)
         assert not rl.live and not rl.admitting  # every disconnect released its place
         async with ws(port) as again:
             assert (await again.request("ping"))["type"] == "pong"
@@ -570,7 +570,8 @@ def test_invalid_trusted_proxy_fails_startup_naming_the_key() -> None:
     app = new_app({"trusted_proxies": ["10.0.0.0/8", "proxy.example"]})
 
     async def start() -> None:
-        await app._startup()
+        async with serve_in_memory(app):
+            pass
 
     with pytest.raises(Exception, match=r"trusted_proxies\[1\].*not an IP network"):
         anyio.run(start)

@@ -24,14 +24,11 @@ _PKG = "backchannel_redis"
 def broker_from_config(app: App, **overrides: Any) -> RedisBroker:
     """A broker for ``app``: its ``[plugins.redis]`` settings and ``[session]`` bounds."""
     cfg = app.plugin_config("redis")
-    session = app.config["session"]
+    session = app.settings.session
 
     def on_state(ready: bool, why: str) -> None:
-        app.hooks.notify(
-            "alert",
-            name="redis_unavailable",
-            state="resolved" if ready else "firing",
-            details={"url": cfg["url"], "why": why},
+        app.alert(
+            "redis_unavailable", "resolved" if ready else "firing", {"url": cfg["url"], "why": why}
         )
 
     options: dict[str, Any] = {
@@ -44,12 +41,12 @@ def broker_from_config(app: App, **overrides: Any) -> RedisBroker:
         "presence_ttl": cfg["presence_ttl"],
         "room_ttl": cfg["room_ttl"],
         "max_buffered_writes": cfg["max_buffered_writes"],
-        "outbox_size": session["outbox_size"],
-        "outbox_max_bytes": session["outbox_max_bytes"],
-        "dedupe_window": session["dedupe_window"],
-        "dedupe_size": session["dedupe_size"],
+        "outbox_size": session.outbox_size,
+        "outbox_max_bytes": session.outbox_max_bytes,
+        "dedupe_window": session.dedupe_window,
+        "dedupe_size": session.dedupe_size,
         # a held session outlives an instance that dies holding it by session.ttl
-        "session_lease": session["ttl"],
+        "session_lease": session.ttl,
         "on_state": on_state,
         **overrides,
     }

@@ -456,7 +456,7 @@ async def test_send_reaches_a_connection_held_by_another_instance(redis: dict[st
 
         gone = f"c-{two.broker.instance}.000000000000"
         assert one.send(gone, "system", {"event": "x"}) is True  # handed to instance 2
-        await until(lambda: two.hub.control.get("send_unknown_connection") == 1, "not counted")
+        await until(lambda: two.counters.control.get("send_unknown_connection") == 1, "not counted")
         dead = "c-0123456789ab.000000000000"  # an instance nobody runs
         assert one.send(dead, "system", {"event": "x"}) is True
         await until(
@@ -492,7 +492,7 @@ async def test_resume_on_another_instance_takes_the_session_over(redis: dict[str
         init = (await request(old, "i1", "init", {}))["content"]
         await request(old, "j1", "join", {"room": "lobby"})
         session = init["sessionId"]
-        last_seq = one.hub.sessions[session].seq
+        last_seq = one.session(session).seq
         await until(lambda: broker(one)._flushed >= broker(one)._queued, "never flushed")
         async with ws(two) as new:
             resume = {"sessionId": session, "lastSeq": last_seq, "epoch": init["epoch"]}
@@ -507,9 +507,9 @@ async def test_resume_on_another_instance_takes_the_session_over(redis: dict[str
                     rcvd = old.protocol.close_rcvd
                     code = rcvd.code if rcvd is not None else None
             assert code == 4009
-            await until(lambda: session not in one.hub.sessions, "instance 1 still holds it")
+            await until(lambda: one.session(session) is None, "instance 1 still holds it")
             assert session not in broker(one)._logs
-            assert one.hub.control == {"takeover": 1}
+            assert one.counters.control == {"takeover": 1}
             # instance 1 released what the session held: its membership and presence
             await until(lambda: not rooms(one).joined, "instance 1 still has it in rooms")
             assert "lobby" not in broker(one)._rooms
@@ -527,7 +527,7 @@ async def test_resume_on_another_instance_takes_the_session_over(redis: dict[str
 
 
 def rooms(app: App) -> Any:
-    return app.pm.get_plugin("rooms")
+    return app.plugin("rooms")
 
 
 async def test_a_session_resumed_elsewhere_is_released_by_the_instance_it_left(
@@ -622,7 +622,7 @@ async def test_presence_notices_reach_members_on_other_instances(redis: dict[str
             left = await recv(alice)
         assert left["content"]["event"] == "leave", left
         assert [f for f in await frames_before_pong(alice, "p1") if f["type"] == "presence"] == []
-    assert one.hub.control == {"rooms.presence": 2}
+    assert one.counters.control == {"rooms.presence": 2}
 
 
 async def test_a_join_with_since_replays_before_any_live_message(redis: dict[str, str]) -> None:
@@ -767,7 +767,7 @@ async def test_a_late_takeover_does_not_close_a_session_resumed_back_here(
             for channel, data in held:  # the reader gets to it now
                 await real(channel, data)
             reply = await request(c, "p", "ping", {})
-            assert reply["type"] == "pong" and session in one.hub.sessions
+            assert reply["type"] == "pong" and one.session(session) is not None
         assert broker(one).counters.get("takeover_late") == 1
 
 
@@ -838,7 +838,7 @@ async def test_a_session_resumed_back_keeps_its_rooms_when_the_old_connection_ti
             resume = {"sessionId": session, "lastSeq": seq, "epoch": init["epoch"]}
             assert (await request(c, "i3", "init", resume))["content"]["resumed"] is True
             assert (await request(c, "j3", "join", {"room": "lobby"}))["type"] == "join"
-            await until(lambda: not one.hub.released, "the old connection never left")
+            await until(lambda: not one._hub.released, "the old connection never left")
             assert rooms(one).joined.get(session) == {"lobby"}
             published = await request(c, "t", "text", {"room": "lobby", "text": "hi"})
             assert published["type"] == "text", published

@@ -49,7 +49,7 @@ def new_app(config: dict[str, Any] | None = None) -> App:
 
 
 def rooms(app: App) -> Rooms:
-    plugin = app.pm.get_plugin("rooms")
+    plugin = app.plugin("rooms")
     assert isinstance(plugin, Rooms)
     return plugin
 
@@ -315,7 +315,7 @@ async def test_a_member_on_two_connections_joins_and_leaves_once() -> None:
                 assert (await join(second))["members"] == ["alice", "bob"]
                 await quiet(bob)  # alice was already present
                 first.close()
-                await eventually(lambda: first.connection.id not in app.hub.connections)
+                await eventually(lambda: app.connection(first.connection.id) is None)
                 await quiet(bob)  # still present through the second connection
                 assert await app.broker.presence("lobby") == ["alice", "bob"]
             assert await pushed(bob, "presence") == {
