@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 from backchannel_redis import RedisBroker
 from backchannel_redis.testing import fresh_prefix
-from instances import BOUND, RedisServer, require_redis_server
+from instances import BOUND, RedisServer
 
 from backchannel import App
 from backchannel.testing import websocket
@@ -38,22 +37,6 @@ REDIS_LOG = "backchannel.broker.redis"
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def redis(redis_process: RedisServer) -> RedisServer:
-    """The module's Redis, running (a test that stopped it and failed left it down)."""
-    if redis_process.process is None or redis_process.process.poll() is not None:
-        redis_process.start()
-    return redis_process
 
 
 def new_app(redis: RedisServer) -> App:
@@ -78,16 +61,10 @@ def new_app(redis: RedisServer) -> App:
     )
 
 
-def broker(app: App) -> RedisBroker:
+def reconnects(app: App) -> int:
+    """Failed attempts of the broker's pub/sub reader to reach Redis so far."""
     assert isinstance(app.broker, RedisBroker)
-    return app.broker
-
-
-@asynccontextmanager
-async def serving(app: App) -> AsyncIterator[int]:
-    async with app.run(host="127.0.0.1", port=0):
-        assert app.port is not None
-        yield app.port
+    return app.broker.counters.get("subscriber_reconnects", 0)
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
@@ -113,7 +90,7 @@ def messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
 
 
 async def test_an_outage_is_logged_once_per_transition_naming_its_cause(
-    redis: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis shut down while the instance holds a room subscription: many reconnect
     attempts, but one WARNING that the broker is not ready, one that the pub/sub
@@ -121,21 +98,18 @@ async def test_an_outage_is_logged_once_per_transition_naming_its_cause(
     TaskGroup"), one for the lost data (new epoch); once it is back, one INFO each for
     ready and pub/sub restored."""
     caplog.set_level(logging.INFO, logger="backchannel")
-    app = new_app(redis)
-    async with serving(app) as port, websocket(port) as member:
+    app = new_app(redis_server)
+    async with app.run(host="127.0.0.1", port=0), websocket(app.port or 0) as member:
         assert (await request(member, "j1", "join", {"room": "lobby"}))["type"] == "join"
         caplog.clear()
-        await anyio.to_thread.run_sync(redis.shutdown)
-        await until(lambda: not broker(app).ready, "a lost Redis went unnoticed")
+        await anyio.to_thread.run_sync(redis_server.shutdown)
+        await until(lambda: not app.broker.ready, "a lost Redis went unnoticed")
         # several attempts fail while Redis is away: each would have been a log line
-        attempts = broker(app).counters.get("subscriber_reconnects", 0)
-        await until(
-            lambda: broker(app).counters.get("subscriber_reconnects", 0) >= attempts + 5,
-            "the pub/sub reader stopped retrying",
-        )
-        await anyio.to_thread.run_sync(redis.start)
-        await until(lambda: broker(app).ready, "Redis never came back")
-        async with websocket(port) as speaker:  # live fan-out works again: pub/sub is back
+        attempts = reconnects(app)
+        await until(lambda: reconnects(app) >= attempts + 5, "the pub/sub reader stopped retrying")
+        await anyio.to_thread.run_sync(redis_server.start)
+        await until(lambda: app.broker.ready, "Redis never came back")
+        async with websocket(app.port or 0) as speaker:  # live fan-out works again: pub/sub is back
             assert (await request(speaker, "j2", "join", {"room": "lobby"}))["type"] == "join"
             sent = await request(speaker, "t1", "text", {"room": "lobby", "text": "back"})
             with anyio.fail_after(BOUND):
@@ -153,42 +127,42 @@ async def test_an_outage_is_logged_once_per_transition_naming_its_cause(
     assert len(warnings) == 3, warnings
     assert len([m for m in infos if "broker ready" in m]) == 1, infos
     assert len([m for m in infos if "pub/sub connection restored" in m]) == 1, infos
-    assert broker(app).counters["subscriber_reconnects"] >= 5
+    assert reconnects(app) >= 5
 
 
 async def test_init_while_redis_is_away_is_overloaded_then_gets_the_epoch_it_lives_in(
-    redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     """A new connection's ``init`` while Redis is away (and comes back empty) is answered
     ``overloaded``, not with the old epoch. Its retry (same id) once Redis is back gets
     the new epoch, and a resume with that epoch resumes the session with what it missed;
     before issue 11 the answer carried the old epoch and that resume got
     ``epoch_changed``. A session from before the outage is told its data is gone."""
-    app = new_app(redis)
-    async with serving(app) as port:
-        async with websocket(port) as before:
+    app = new_app(redis_server)
+    async with app.run(host="127.0.0.1", port=0):
+        async with websocket(app.port or 0) as before:
             first = await request(before, "i0", "init", {})
             old_session, old_epoch = first["content"]["sessionId"], first["content"]["epoch"]
-        await anyio.to_thread.run_sync(redis.shutdown)
-        await until(lambda: not broker(app).ready, "a lost Redis went unnoticed")
-        async with websocket(port) as during:
+        await anyio.to_thread.run_sync(redis_server.shutdown)
+        await until(lambda: not app.broker.ready, "a lost Redis went unnoticed")
+        async with websocket(app.port or 0) as during:
             refused = await request(during, "i1", "init", {})
             assert refused["type"] == "error" and refused["content"]["code"] == "overloaded"
-            await anyio.to_thread.run_sync(redis.start)
-            await until(lambda: broker(app).ready, "Redis never came back")
+            await anyio.to_thread.run_sync(redis_server.start)
+            await until(lambda: app.broker.ready, "Redis never came back")
             answer = await request(during, "i1", "init", {})  # the client's retry
             assert answer["type"] == "init", answer
             epoch, session = answer["content"]["epoch"], answer["content"]["sessionId"]
-            assert epoch == broker(app).epoch != old_epoch  # Redis came back empty
+            assert epoch == app.broker.epoch != old_epoch  # Redis came back empty
             echo = await request(during, "t1", "text", {"text": "kept"})
             last_seq = answer["seq"]
-        async with websocket(port) as after:
+        async with websocket(app.port or 0) as after:
             resumed = await request(
                 after, "i2", "init", {"sessionId": session, "lastSeq": last_seq, "epoch": epoch}
             )
             assert resumed["content"]["resumed"] is True, resumed
             assert resumed["content"]["missed"] == 1 and echo["seq"] == last_seq + 1
-        async with websocket(port) as old:
+        async with websocket(app.port or 0) as old:
             gone = await request(
                 old, "i3", "init", {"sessionId": old_session, "lastSeq": 1, "epoch": old_epoch}
             )
