@@ -4,6 +4,12 @@ Answers ``{sessionId, resumed, missed, epoch, server}``. With ``sessionId`` (and
 ``lastSeq``) it resumes that session: the frames the client missed are replayed
 before this answer. A session that cannot be resumed is reported as such
 (``resumed: false`` and a ``reason``) and the client continues in a new session.
+
+While the broker is not ready (Redis unreachable) ``init`` is answered
+``overloaded``: the broker cannot say which epoch the session will live in (Redis
+may come back empty, with a new one), and an answer with the old epoch would make
+the session's later resume fail as ``epoch_changed`` (issue 11). ``overloaded`` is
+not remembered for retries, so the client's next ``init``, same id or not, runs.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from backchannel import App, Connection, Message, __version__, hookimpl
+from backchannel import (
+    App,
+    BackchannelError,
+    Connection,
+    ErrorCode,
+    Message,
+    __version__,
+    hookimpl,
+)
 from backchannel.contracts import load_schema
 
 __all__ = ["Plugin"]
@@ -36,7 +50,15 @@ class Plugin:
         content = message.content
         outcome: dict[str, Any] = {"resumed": False, "missed": 0}
         wanted = content.get("sessionId")
-        epoch = self.app.broker.epoch if self.app is not None else ""
+        epoch = ""
+        if self.app is not None:
+            broker = self.app.broker
+            if not broker.ready:
+                raise BackchannelError(
+                    ErrorCode.OVERLOADED,
+                    f"the {broker.name} broker is not reachable; retry init later",
+                )
+            epoch = broker.epoch
         if wanted is not None:
             if content.get("epoch", epoch) != epoch:
                 outcome["reason"] = "epoch_changed"

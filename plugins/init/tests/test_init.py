@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backchannel import App, __version__
+from backchannel import App, __version__, hookimpl
+from backchannel.memory import MemoryBroker
 from backchannel.testing import connect, serve_in_memory
 
 pytestmark = pytest.mark.anyio
@@ -56,3 +57,34 @@ async def test_init_content_is_checked(content: dict[str, object], path: str) ->
         err = await client.request("init", content)
     assert err["content"]["code"] == "validation_failed"
     assert err["content"]["details"][0]["path"] == path
+
+
+class Unreachable(MemoryBroker):
+    """The in-memory broker, told it cannot serve (as the redis broker while Redis is away)."""
+
+    reachable = True
+
+    @property
+    def ready(self) -> bool:
+        return self.reachable
+
+
+async def test_init_while_the_broker_is_not_ready_is_overloaded_and_retryable() -> None:
+    """Issue 11 item 7: while the broker cannot serve, ``init`` is answered ``overloaded``
+    (its epoch may be gone when the broker is back); the same request once it is ready
+    runs (``overloaded`` is not remembered as the request's answer) and carries the epoch."""
+    store = Unreachable()
+    store.reachable = False
+
+    class Supplier:
+        @hookimpl
+        def broker(self, app: App) -> MemoryBroker:
+            return store
+
+    app = App({}, plugins=["init", Supplier()])
+    async with serve_in_memory(app), connect(app) as client:
+        refused = await client.request("init", {}, id="i1")
+        assert refused["type"] == "error" and refused["content"]["code"] == "overloaded"
+        store.reachable = True
+        answer = await client.request("init", {}, id="i1")
+    assert answer["type"] == "init" and answer["content"]["epoch"] == store.epoch

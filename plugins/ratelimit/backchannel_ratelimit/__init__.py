@@ -4,10 +4,13 @@ Why a plugin: limits are policy, and a deployment that does not want them pays
 nothing. Every request passes the ``validate`` hook, which takes one token from
 each bucket that applies to it (its connection's, its principal's, its IP's);
 when any of them is empty, nothing is taken and the request is answered
-``rate_limited`` with ``retryAfter``. A connection that keeps hammering past its
-limit (``abuse_rejections`` within ``abuse_window``) is closed with 1008 right
-after that answer. The ``connect`` hook caps open connections per client IP
-(1013).
+``rate_limited`` with ``retryAfter``. A connection that keeps being refused (more
+than ``abuse_rejections`` answers with a code in ``abuse_codes`` within
+``abuse_window``: ``rate_limited``, but also ``validation_failed``,
+``unauthorized``, ``unknown_type``, ...) is closed with 1008 right after that
+answer; the kernel's ``error`` observer sees every error frame, so requests
+refused before this plugin's ``validate`` (by the kernel or another plugin) count
+too (issue 11). The ``connect`` hook caps open connections per client IP (1013).
 
 The client IP is the peer address, or, only when the peer is one of
 ``trusted_proxies``, the right-most ``X-Forwarded-For`` entry that is not itself
@@ -44,7 +47,7 @@ from backchannel import (
 )
 from backchannel.contracts import load_schema
 
-__all__ = ["Bucket", "Limit", "Plugin", "Rule", "client_ip", "ip_key"]
+__all__ = ["REFUSALS", "Bucket", "Limit", "Plugin", "Rule", "client_ip", "ip_key"]
 
 log = logging.getLogger("backchannel.ratelimit")
 
@@ -56,6 +59,23 @@ _RATE_LIMITED = ErrorCode.RATE_LIMITED
 #: clock steps tried to find an idle bucket before a full table drops an active one
 _CLOCK_STEPS = 8
 UNKNOWN_IP = "unknown"
+#: Error codes that refuse a request for what the client sent (or how often): the
+#: ``abuse_codes`` a client may collect only so many of. Not ``timeout``,
+#: ``handler_error``, ``overloaded`` or ``shutting_down`` (the server's trouble, which
+#: clients are told to retry) nor ``cancelled`` (the client's own ``cancel``).
+REFUSALS = frozenset(
+    {
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.BAD_JSON,
+        ErrorCode.INVALID_ENVELOPE,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.TYPE_NOT_ALLOWED,
+        ErrorCode.VALIDATION_FAILED,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.FORBIDDEN,
+    }
+)
 
 
 # --------------------------------------------------------------------------- IPs
@@ -178,14 +198,14 @@ class _Lane:
 class _State:
     """Per connection: its client IP, its own buckets, its lanes, its abuse budget."""
 
-    __slots__ = ("ip", "own", "lanes", "abuse", "abusive", "closed")
+    __slots__ = ("ip", "own", "lanes", "abuse", "closed")
 
     def __init__(self, ip: str, abuse: Bucket | None) -> None:
         self.ip = ip
         self.own: dict[str, Bucket] = {}
         self.lanes: dict[str, _Lane] = {}
+        #: refusals this connection may still collect (None: abuse closing is off)
         self.abuse = abuse
-        self.abusive = False
         self.closed = False
 
 
@@ -209,6 +229,7 @@ class Plugin:
         self.default = Rule("*", Limit(10, 50), Limit(20, 100), Limit(100, 500))
         self.rules: dict[str, Rule] = {}
         self.abuse: Limit | None = Limit(10, 100)
+        self.abuse_codes: frozenset[ErrorCode] = REFUSALS
         self.max_per_ip: int | None = 100
         self.trusted: tuple[Network, ...] = ()
         self.ipv6_prefix = 64
@@ -256,6 +277,7 @@ class Plugin:
         }
         n = cfg["abuse_rejections"]  # false or null: off (never 0: the schema says >= 1)
         self.abuse = Limit(n / cfg["abuse_window"], n) if n else None
+        self.abuse_codes = frozenset(ErrorCode(code) for code in cfg["abuse_codes"])
         self.max_per_ip = cfg["max_connections_per_ip"] or None
         trusted = []
         for i, text in enumerate(cfg["trusted_proxies"]):
@@ -395,9 +417,9 @@ class Plugin:
             for bucket in lane.buckets:
                 bucket.tokens -= 1.0
             return None
-        self._reject(state, connection, lane, now)
+        self._reject(lane)
 
-    def _reject(self, state: _State, connection: Connection, lane: _Lane, now: float) -> None:
+    def _reject(self, lane: _Lane) -> None:
         wait = 0.0
         scope = ""
         for bucket, name in zip(lane.buckets, lane.scopes, strict=True):
@@ -408,13 +430,6 @@ class Plugin:
         counts = self.counts
         counts["rate_limited"] += 1
         counts["rate_limited." + scope] += 1
-        abuse = state.abuse
-        if abuse is not None and not state.abusive:
-            left = abuse.level(now)
-            abuse.stamp = now
-            if left < 1.0:
-                state.abusive = True  # the `error` observer closes, after the answer is out
-            abuse.tokens = left - 1.0 if left >= 1.0 else left
         retry = max(0.001, math.ceil(wait * 1000) / 1000)  # whole ms, never less than needed
         raise BackchannelError(
             _RATE_LIMITED,
@@ -488,26 +503,37 @@ class Plugin:
     def error(
         self, connection: Connection, message_id: str | None, error: BackchannelError
     ) -> None:
-        """After the ``rate_limited`` answer that used up the abuse budget went out: 1008."""
-        if error.code is not _RATE_LIMITED:
+        """A refused request (``error.code`` in ``abuse_codes``) takes one from its
+        connection's abuse budget; the one that finds it empty has been answered (this
+        observer runs after the frame went out): close 1008."""
+        if error.code not in self.abuse_codes or connection.close_code is not None:
             return
         state = connection.stash.get(_STATE, None)
-        if state is None or not state.abusive or state.closed:
+        if state is None:  # admitted before this plugin was in place (tests, App.use)
+            state = self._state(connection)
+        abuse = state.abuse
+        if abuse is None or state.closed:
             return
+        now = _monotonic()
+        left = abuse.level(now)
+        abuse.stamp = now
+        if left >= 1.0:
+            abuse.tokens = left - 1.0
+            return
+        abuse.tokens = left
         state.closed = True
         self.counts["abuse_closed"] += 1
-        abuse = self.abuse
-        assert abuse is not None
         log.warning(
-            "rate-limit abuse: conn=%s ip=%s got more than %d rate_limited answers within "
-            "%g s; closing 1008",
+            "abuse: conn=%s ip=%s was refused more than %d requests within %g s (the last: "
+            "%s); closing 1008",
             connection.id,
             state.ip,
             abuse.burst,
             abuse.burst / abuse.rate,
+            error.code.value,
             extra={"connection_id": connection.id, "close_code": 1008},
         )
-        connection.close(CloseCode.POLICY_VIOLATION, "rate limit abuse")
+        connection.close(CloseCode.POLICY_VIOLATION, "too many refused requests")
 
     def stats(self) -> dict[str, Any]:
         """Counters and table sizes."""

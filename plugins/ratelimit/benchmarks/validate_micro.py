@@ -6,6 +6,8 @@ Two measurements, no sockets:
   authenticated connection with all three buckets (connection, principal, IP)
   active and never empty; and the same when every call is rejected (the answer's
   exception included).
+* ``error``: the ``error`` observer for a refused request (``validation_failed``)
+  that counts toward the abuse rule (a budget that never runs out here).
 * ``pipeline``: ``Connection.on_message`` to the answer written for a ``text``
   request (as ``benchmarks/pipeline_micro.py``), with and without the plugin,
   in alternating rounds; the difference of the medians is the added cost.
@@ -25,7 +27,7 @@ from typing import Any
 
 from backchannel_ratelimit import Plugin as RateLimit
 
-from backchannel import App, BackchannelError, Message, Principal, hookimpl
+from backchannel import App, BackchannelError, ErrorCode, Message, Principal, hookimpl
 from backchannel.testing import serve_in_memory
 
 __all__ = ["main"]
@@ -88,6 +90,26 @@ async def hook_cost(config: dict[str, Any], n: int) -> float:
     return elapsed / n * 1e6
 
 
+async def error_hook_cost(n: int) -> float:
+    """µs per ``error`` observer call for a refusal counted toward the abuse rule."""
+    config = {**NEVER_EMPTY, "abuse_rejections": 1_000_000_000, "abuse_window": 1}
+    plugin = RateLimit()
+    app = App(
+        {"log": {"level": "ERROR"}, "plugins": {"ratelimit": config}},
+        plugins=["text", plugin, _Alice()],
+    )
+    async with serve_in_memory(app):
+        conn, _ = await _micro.open_connection(app, 1, ("192.0.2.1", 40000))
+        refused = BackchannelError(ErrorCode.VALIDATION_FAILED, "content.text: must be a string")
+        observe = plugin.error
+        started = time.process_time()
+        for _ in range(n):
+            observe(conn, "m1", refused)
+        elapsed = time.process_time() - started
+        assert plugin.stats()["abuse_closed"] == 0 and conn.close_code is None
+    return elapsed / n * 1e6
+
+
 async def pipeline_cost(plugins: list[Any], n: int) -> float:
     """µs of process CPU per ``text`` request, envelope to answer."""
     app = App(
@@ -106,6 +128,8 @@ def main() -> None:
     reject = min(asyncio.run(hook_cost(ALWAYS_EMPTY, n)) for _ in range(5))
     print(f"validate hook, 3 buckets, accepted: {accept:.3f} µs/message (best of 5)")
     print(f"validate hook, rejected (rate_limited raised): {reject:.3f} µs/message (best of 5)")
+    counted = min(asyncio.run(error_hook_cost(n)) for _ in range(5))
+    print(f"error hook, a refusal counted toward abuse: {counted:.3f} µs/refusal (best of 5)")
     base, with_rl = [], []
     for _ in range(7):
         base.append(asyncio.run(pipeline_cost(["text", _Alice()], n // 4)))

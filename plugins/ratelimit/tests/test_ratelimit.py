@@ -19,11 +19,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import jwt as pyjwt
 import pytest
+from backchannel_ratelimit import REFUSALS, client_ip, ip_key
 from backchannel_ratelimit import Plugin as RateLimit
-from backchannel_ratelimit import client_ip, ip_key
 
-from backchannel import App, Connection, Principal, Reject, hookimpl
+from backchannel import App, Connection, Principal, Reject, StartupError, hookimpl
 from backchannel.testing import connect, serve_in_memory, websocket
 
 pytestmark = pytest.mark.anyio
@@ -168,6 +169,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 port, total, address = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+content = json.loads(sys.argv[4])
 answers, codes, closed = {}, {}, []
 with connect(f"ws://127.0.0.1:{port}/ws", subprotocols=["backchannel.v1"], max_size=None,
              additional_headers={"X-Forwarded-For": address}) as ws:
@@ -186,7 +188,7 @@ with connect(f"ws://127.0.0.1:{port}/ws", subprotocols=["backchannel.v1"], max_s
     started = time.monotonic()
     try:
         for i in range(1, total + 1):
-            ws.send(json.dumps({"id": f"f{i}", "type": "text", "content": {"text": "flood"}}))
+            ws.send(json.dumps({"id": f"f{i}", "type": "text", "content": content}))
     except ConnectionClosed:
         pass
     reader.join()
@@ -202,10 +204,11 @@ def p99_ms(samples: list[float]) -> float:
 
 
 async def flood(
-    app: App, total: int, pause: float
+    app: App, total: int, pause: float, content: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], list[float], list[float]]:
-    """Another process floods ``app`` with ``total`` requests (as 203.0.113.1) while this one
-    (as 203.0.113.2) asks ``ping`` in a loop, pausing ``pause`` s to stay within its limit.
+    """Another process floods ``app`` with ``total`` ``text`` requests (as 203.0.113.1; their
+    ``content`` defaults to a valid one) while this one (as 203.0.113.2) asks ``ping`` in a
+    loop, pausing ``pause`` s to stay within its limit.
 
     Returns the flooder's summary and this client's latencies before and during the flood.
     """
@@ -222,7 +225,8 @@ async def flood(
 
         for _ in range(100):
             await ping(quiet)
-        cmd = [sys.executable, "-c", FLOODER, str(port), str(total), "203.0.113.1"]
+        body = json.dumps(content or {"text": "flood"})
+        cmd = [sys.executable, "-c", FLOODER, str(port), str(total), "203.0.113.1", body]
         with anyio.fail_after(120):
             async with await anyio.open_process(cmd) as flooder:
                 assert flooder.stdout is not None
@@ -321,6 +325,25 @@ async def test_flood_under_default_abuse_settings_is_cut_off_with_1008(
     report(f"{anyio_backend}, default abuse", result, quiet, during, record_property)
 
 
+async def test_flood_of_10000_schema_invalid_requests_is_cut_off_with_1008(
+    record_property: Callable[[str, Any], None], anyio_backend: str
+) -> None:
+    """Issue 11 item 6: 10,000 requests whose content fails the type's schema never reach
+    the rate limiter (the schema check comes first), yet under the default abuse settings
+    the flood is answered ``validation_failed`` until its 101st refusal, then closed with
+    1008; the other client is served throughout. Its latency is reported, not asserted."""
+    total = 10_000
+    limits = {"trusted_proxies": ["127.0.0.0/8"], "types": {"ping": OFF}}  # the witness pings
+    app = new_app(limits, connection={"send_queue_size": total})
+    result, quiet, during = await flood(app, total, pause=0.001, content={"text": 5})
+    assert result["close_code"] == 1008
+    assert set(result["codes"]) == {"validation_failed"}
+    refused = result["codes"]["validation_failed"]
+    assert 101 <= refused <= 101 + 10 * result["elapsed"] + 1  # the abuse bucket refills 10/s
+    assert plugin(app).counts["abuse_closed"] == 1 and plugin(app).counts["rate_limited"] == 0
+    report(f"{anyio_backend}, schema-invalid flood", result, quiet, during, record_property)
+
+
 # ------------------------------------------------------------------------ abuse
 
 
@@ -350,8 +373,137 @@ async def test_persistent_abuse_closes_1008_after_the_answer(
         assert await c.closed() == 1008
         await wait_until(lambda: app.counters.closes.get(1008) == 1)
         assert plugin(app).counts["abuse_closed"] == 1
-        assert logged(caplog_rl, "rate-limit abuse", "closing 1008")
+        assert logged(caplog_rl, "abuse: conn=", "the last: rate_limited", "closing 1008")
         assert (await bystander.request("text", {"text": "fine"}))["type"] == "text"
+
+
+#: one request of each kind a client can be refused for, with the code it gets (the
+#: ``validation`` plugin refuses types off its allow-list and requests over its size);
+#: ``ID`` becomes a fresh id (a repeated id is a retry: its first answer is sent again)
+REFUSED: list[tuple[str, str]] = [
+    ("{not json", "bad_json"),
+    ('{"type": "text", "content": {}}', "invalid_envelope"),
+    ('{"id": "ID", "type": "no.such.type", "content": {}}', "unknown_type"),
+    ('{"id": "ID", "type": "text", "content": {"text": 5}}', "validation_failed"),
+    ('{"id": "ID", "type": "text", "content": {"text": "%s"}}' % ("x" * 600), "too_large"),
+    ('{"id": "ID", "type": "ping", "content": {}}', "type_not_allowed"),
+]
+
+
+async def refusals(c: Client, kinds: list[tuple[str, str]], n: int) -> list[str]:
+    """Send ``n`` refused requests, cycling through ``kinds``; the codes of their answers."""
+    codes = []
+    for _ in range(n):
+        raw, _ = kinds[c.n % len(kinds)]
+        c.n += 1
+        await c.ws.send(raw.replace('"ID"', f'"x{c.n}"'))
+        frame = await c.recv()
+        assert frame["type"] == "error", frame
+        codes.append(frame["content"]["code"])
+    return codes
+
+
+async def test_refused_requests_of_every_kind_count_toward_abuse(
+    caplog_rl: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 11 item 6: requests refused before the rate limit is ever asked (bad JSON, bad
+    envelopes, unknown types, invalid content, types off the allow-list, oversized content)
+    use up the abuse budget like ``rate_limited`` answers: with ``abuse_rejections = 11``
+    eleven refusals leave the connection open, the twelfth is answered and the connection
+    closed 1008, logged and counted. Another client from the same address is served."""
+    app = App(
+        {
+            "server": {"port": 0},
+            "log": {"level": "INFO"},
+            "plugins": {
+                "ratelimit": {"abuse_rejections": 11, "abuse_window": 60},
+                "validation": {"allowed_types": ["init", "text"], "max_bytes": 512},
+            },
+        },
+        plugins=[*PLUGINS, "validation"],
+    )
+    async with serving(app) as port, ws(port) as bystander, ws(port) as c:
+        codes = await refusals(c, REFUSED, 11)
+        assert set(codes) == {code for _, code in REFUSED}, codes
+        assert (await c.request("text", {"text": "ok"}))["type"] == "text"  # still open
+        [last] = await refusals(c, REFUSED, 1)  # answered before the close
+        assert await c.closed() == 1008
+        await wait_until(lambda: app.counters.closes.get(1008) == 1)
+        assert plugin(app).counts["abuse_closed"] == 1
+        assert logged(caplog_rl, "abuse: conn=", "more than 11", f"the last: {last}")
+        assert (await bystander.request("text", {"text": "fine"}))["type"] == "text"
+
+
+async def test_unauthenticated_requests_count_toward_abuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 11 item 6: a connection without a token (jwt, anonymous not allowed) is answered
+    ``unauthorized`` until it sends ``init {token}``; it may not keep asking forever
+    meanwhile: the sixth refusal within the window (``abuse_rejections = 5``) is answered,
+    then the connection is closed 1008, long before ``init_timeout``. A connection that
+    authenticates is served."""
+    monkeypatch.setenv("BC_RL_SECRET", "s" * 32)
+    key = {"algorithms": ["HS256"], "secret_env": "BC_RL_SECRET"}
+    app = App(
+        {
+            "server": {"port": 0},
+            "auth": {"allow_anonymous": False},
+            "plugins": {
+                "ratelimit": {"abuse_rejections": 5, "abuse_window": 60},
+                "jwt": {
+                    "issuers": [{"keys": [key]}],
+                    "init_timeout": 60,
+                },
+            },
+        },
+        plugins=["jwt", *PLUGINS],
+    )
+    token = pyjwt.encode({"sub": "alice", "exp": int(time.time()) + 600}, "s" * 32, "HS256")
+    async with serving(app) as port, ws(port) as c, ws(port) as alice:
+        for _ in range(5):
+            assert (await c.request("ping"))["content"]["code"] == "unauthorized"
+        last = await c.request("text", {"text": "x"})
+        assert last["content"]["code"] == "unauthorized"  # answered before the close
+        assert await c.closed() == 1008
+        assert plugin(app).counts["abuse_closed"] == 1
+        assert (await alice.request("init", {"token": token}))["content"]["principal"] == "alice"
+        assert (await alice.request("text", {"text": "hi"}))["type"] == "text"
+
+
+async def test_abuse_codes_chooses_what_counts() -> None:
+    """``abuse_codes = ["rate_limited"]`` (the rule before issue 11) lets invalid requests
+    go uncounted: 20 of them leave the connection open; rate limits still count."""
+    app = new_app(
+        {
+            "connection": {"rate": SLOW, "burst": 1},
+            "principal": None,
+            "ip": None,
+            "abuse_rejections": 5,
+            "abuse_window": 60,
+            "abuse_codes": ["rate_limited"],
+        }
+    )
+    async with serving(app) as port, ws(port) as c:
+        assert set(await refusals(c, REFUSED[:4], 20)) == {
+            "bad_json",
+            "invalid_envelope",
+            "unknown_type",
+            "validation_failed",
+        }
+        assert (await c.request("text", {"text": "ok"}))["type"] == "text"  # still open
+        for _ in range(6):
+            assert (await c.request("text", {"text": "x"}))["content"]["code"] == "rate_limited"
+        assert await c.closed() == 1008
+
+
+def test_abuse_codes_are_the_refusals_and_nothing_else() -> None:
+    """The schema's default and allowed ``abuse_codes`` are :data:`REFUSALS` (what a client
+    is refused for); a code of the server's own trouble fails start-up naming the key."""
+    spec = RateLimit().config_schema()["properties"]["abuse_codes"]
+    assert set(spec["default"]) == set(spec["items"]["enum"]) == set(REFUSALS)
+    assert RateLimit().abuse_codes == REFUSALS
+    with pytest.raises(StartupError, match=r"plugins\.ratelimit\.abuse_codes\[0\]"):
+        new_app({"abuse_codes": ["timeout"]})
 
 
 # --------------------------------------------------------------- connections per IP

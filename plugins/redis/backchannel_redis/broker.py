@@ -61,6 +61,19 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, said plainly: ``Type: message`` of the exception itself, not of
+    the exception group a task group wrapped it in (issue 11: "unhandled errors in a
+    TaskGroup (1 sub-exception)" told an operator nothing)."""
+    while isinstance(exc, BaseExceptionGroup):
+        others = len(exc.exceptions) - 1
+        exc = exc.exceptions[0]
+        if others:
+            return f"{_reason(exc)} (and {others} more)"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _Unavailable(BackchannelError):
     #: True when the request was sent but not confirmed (callers such as the rooms plugin
     #: read it with ``getattr(exc, "maybe_done", False)``)
@@ -329,7 +342,7 @@ class RedisBroker:
             with anyio.fail_after(self.timeout * 2):
                 return await request
         except _UNREACHABLE as exc:
-            self._set_ready(False, f"{type(exc).__name__}: {exc}")
+            self._set_ready(False, _reason(exc))
             raise _Unavailable(type(exc).__name__, maybe_done=write) from exc
 
     # ------------------------------------------------------------ lifecycle
@@ -362,7 +375,7 @@ class RedisBroker:
             with anyio.fail_after(self.timeout * 2):
                 await self._check()
         except Exception as exc:
-            why = f"{type(exc).__name__}: {exc}"
+            why = _reason(exc)
             self._count("unavailable")
             log.warning("redis broker starts NOT ready: %s url=%s", why, self.url)
             self._notify(False, why)
@@ -422,7 +435,7 @@ class RedisBroker:
                 delay = self.reconnect_min_delay
                 await anyio.sleep(tick)
             except Exception as exc:
-                self._set_ready(False, f"{type(exc).__name__}: {exc}")
+                self._set_ready(False, _reason(exc))
                 await anyio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self.reconnect_max_delay)
 
@@ -469,7 +482,7 @@ class RedisBroker:
             except _UNREACHABLE as exc:
                 # idempotent: sent again once Redis is back
                 self._writes.items.extendleft(reversed(batch))
-                self._set_ready(False, f"flush failed: {type(exc).__name__}: {exc}")
+                self._set_ready(False, f"flush failed: {_reason(exc)}")
                 continue
             except Exception:
                 self._count("write_errors")
@@ -670,8 +683,8 @@ class RedisBroker:
                     received = [await reply for reply in sent]
             except _UNREACHABLE as exc:
                 self._count("control_lost", len(batch))
-                self._set_ready(False, f"control publish failed: {type(exc).__name__}: {exc}")
-                log.warning("redis broker lost %d control messages: %s", len(batch), exc)
+                self._set_ready(False, f"control publish failed: {_reason(exc)}")
+                log.warning("redis broker lost %d control messages: %s", len(batch), _reason(exc))
                 continue
             except Exception:  # Redis refused (e.g. an ACL without pub/sub): never fatal
                 self._count("control_lost", len(batch))
@@ -841,6 +854,8 @@ class RedisBroker:
         the room's stream.
         """
         delay = self.reconnect_min_delay
+        lost: float | None = None  # when the connection was lost, until it is back
+        attempts = 0
         while True:
             try:
                 async with self._redis.pubsub(
@@ -856,15 +871,33 @@ class RedisBroker:
                         for state in list(self._rooms.values()):
                             await self._establish(pubsub, channels, state)
                         delay = self.reconnect_min_delay
+                        if lost is not None:
+                            log.info(
+                                "redis broker pub/sub connection restored after %.1fs "
+                                "(%d attempts); rooms subscribed again: %d",
+                                time.monotonic() - lost,
+                                attempts,
+                                len(self._rooms),
+                            )
+                            lost, attempts = None, 0
                         async for kind, value in self._events:
                             await self._on_event(pubsub, channels, kind, value)
             except Exception as exc:
+                # One line per transition (lost, then restored), not one per attempt: an
+                # outage of a few seconds is otherwise ~20 lines (issue 11).
                 self._count("subscriber_reconnects")
-                log.warning(
-                    "redis broker pub/sub connection lost (%s); reconnecting in %.2fs",
-                    exc,
-                    delay,
-                )
+                attempts += 1
+                if lost is None:
+                    lost = time.monotonic()
+                    log.warning(
+                        "redis broker pub/sub connection lost: %s; reconnecting with backoff "
+                        "(%g-%gs)",
+                        _reason(exc),
+                        self.reconnect_min_delay,
+                        self.reconnect_max_delay,
+                    )
+                else:
+                    log.debug("redis broker pub/sub attempt %d failed: %s", attempts, _reason(exc))
             await anyio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.reconnect_max_delay)
 

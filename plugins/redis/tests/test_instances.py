@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,6 @@ from instances import (
     RoundRobinProxy,
     http_status,
     instance_config,
-    require_redis_server,
     wait_for,
 )
 from websockets.asyncio.client import connect as ws_connect
@@ -58,21 +57,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def redis(redis_process: RedisServer) -> RedisServer:
-    """The module's Redis, running (a test that stopped it and failed left it down)."""
-    if redis_process.process is None or redis_process.process.poll() is not None:
-        redis_process.start()
-    redis_process.call("CLIENT", "UNPAUSE")
-    return redis_process
+def redis(redis_server: RedisServer) -> RedisServer:
+    """The module's private Redis (``conftest.py``), running."""
+    return redis_server
 
 
 @dataclass

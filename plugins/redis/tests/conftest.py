@@ -1,0 +1,29 @@
+"""Fixtures of the redis plugin's tests that run their own Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from instances import RedisServer, require_redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private ``redis-server`` for the module (a free loopback port, stopped by PID),
+    which its tests may shut down, start again or pause; the shared Redis is never
+    touched. Skipped without ``redis-server`` on PATH, failed when ``CI`` is set."""
+    server = RedisServer(require_redis_server(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_process: RedisServer) -> RedisServer:
+    """The module's Redis, running and not paused (a test that stopped or paused it and
+    failed left it so)."""
+    if redis_process.process is None or redis_process.process.poll() is not None:
+        redis_process.start()
+    redis_process.call("CLIENT", "UNPAUSE")
+    return redis_process
