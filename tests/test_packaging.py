@@ -226,7 +226,9 @@ def readme_install_commands() -> list[str]:
 
 def copy_checkout(dest: Path) -> Path:
     """The repository's files (tracked, or new and not ignored) as they are now, links kept."""
-    listed = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT, {})
+    listed = run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT, clean_env()
+    )
     for rel in filter(None, listed.split("\0")):
         source = ROOT / rel
         if os.path.lexists(source):  # (a tracked file deleted in the work tree is gone)
