@@ -191,22 +191,22 @@ class _Mailbox:
         return self.items.popleft()
 
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
-class _Feed(Generic[T]):
+class _Feed(Generic[_T]):
     """An async iterator over a mailbox: its items, then its end, or the error that ended it."""
 
     def __init__(self) -> None:
         self._box = _Mailbox()
 
-    def __aiter__(self) -> _Feed[T]:
+    def __aiter__(self) -> _Feed[_T]:
         return self
 
-    async def __anext__(self) -> T:
+    async def __anext__(self) -> _T:
         kind, value = await self._box.get()
         if kind == "item":
-            item: T = value
+            item: _T = value
             return item
         self._box.put(kind, value)  # stay ended
         if kind == "end":
@@ -285,12 +285,14 @@ class Subscription(_Feed[dict[str, Any] | Gap]):
 
 class Pushes(_Feed[dict[str, Any]]):
     """Frames the server sends without a request (``app.send``, ``app.broadcast``,
-    ``system`` notices, room traffic of rooms not subscribed to): whole frames
-    (``type``, ``content``, ``id``, ``seq``, ``timestamp``), each once, in order.
+    ``system`` notices, ``error`` frames that answer no request, room traffic of rooms
+    not subscribed to): whole frames (``type``, ``content``, ``id``, ``seq``,
+    ``timestamp``), each once, in order.
 
-    From :meth:`Client.pushes`: it holds what arrives after it was made, so make it
-    before entering the client to miss nothing. Ends when the client is closed
-    (:class:`ConnectionClosed` if the server ended it); ``aclose()`` stops it earlier.
+    From :meth:`Client.pushes`: it keeps what arrives after it was made until read,
+    so make it before entering the client to miss nothing, and only to read it. Ends
+    when the client is closed (:class:`ConnectionClosed` if the server ended it);
+    ``aclose()`` stops it earlier.
     """
 
     def __init__(self, client: Client) -> None:
