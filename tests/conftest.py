@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import re
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import jsonschema
 import pytest
 
@@ -120,3 +125,64 @@ async def serving(app: App) -> AsyncIterator[App]:
 def caplog_bc(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.DEBUG, logger="backchannel")
     return caplog
+
+
+# ----------------------------------------------------------------- `backchannel serve` processes
+
+_LISTENING = re.compile(rb"listening on wss?://[^ ]*?:(\d+)/")
+
+
+@dataclass
+class ServeProcess:
+    """A running ``backchannel serve`` child: its port and everything it logged so far."""
+
+    process: anyio.abc.Process
+    port: int = 0
+    log: bytearray = field(default_factory=bytearray)
+
+
+@asynccontextmanager
+async def serve_process(
+    cmd: Sequence[str], env: Mapping[str, str], cwd: Path | None = None, timeout: float = 30
+) -> AsyncIterator[ServeProcess]:
+    """Run ``cmd`` (a ``backchannel serve``); yield once it logged "listening on …".
+
+    Use port 0 (``--port 0`` or ``BACKCHANNEL_SERVER__PORT=0``): the port is read from
+    that log line. Its stderr is drained for the whole block; on exit it gets SIGTERM,
+    and is killed if it is not gone ``timeout`` seconds later.
+    """
+    process = await anyio.open_process(
+        list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=dict(env), cwd=cwd
+    )
+    served = ServeProcess(process)
+    settled = anyio.Event()  # listening, or the process ended first
+
+    async def drain() -> None:
+        assert process.stderr is not None
+        async for chunk in process.stderr:
+            served.log.extend(chunk)
+            if not served.port and (found := _LISTENING.search(served.log)):
+                served.port = int(found[1])
+                settled.set()
+        settled.set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            with anyio.fail_after(timeout):
+                await settled.wait()
+            if not served.port:
+                pytest.fail(f"{' '.join(cmd)} did not listen:\n{served.log.decode()}")
+            try:
+                yield served
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    if process.returncode is None:
+                        process.send_signal(signal.SIGTERM)
+                    await process.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with anyio.CancelScope(shield=True):
+            await process.aclose()

@@ -28,6 +28,7 @@ from backchannel.client import (
     ConnectError,
     ConnectionClosed,
     Gap,
+    HandshakeRefused,
     RequestError,
     RequestTimeout,
     State,
@@ -335,6 +336,95 @@ async def test_refused_handshake_raises_connect_error() -> None:
         with pytest.raises(ConnectError, match="404"):
             async with connect(f"ws://127.0.0.1:{app.port}/nowhere"):
                 pytest.fail("connected to a 404")
+
+
+async def test_pushes_reach_on_push_and_the_pushes_iterator_in_order() -> None:
+    """``app.send``, ``app.broadcast`` and a ``system`` notice reach the application through
+    both ways, once each, in order; answers and the subscribed room's messages do not."""
+    anonymous = {"anonymous_permissions": ["rooms:*", "system:broadcast"]}
+    app = make_app(config={"auth": anonymous})
+    called: list[dict[str, Any]] = []
+    async with serving(app):
+        client = Client(url(app.port), on_push=called.append)
+        pushes = client.pushes()  # made before connecting: misses nothing
+        async with client:
+            room = client.subscribe("lobby")
+            sent = await room.publish("in the room")
+            with anyio.fail_after(5):
+                assert await room.__anext__() == sent  # published, stored, delivered once
+            assert (sent["room"], sent["text"]) == ("lobby", "in the room")
+            (connection,) = app.connections()
+            assert app.send(connection.id, "weather.alert", {"storm": True})
+            assert app.broadcast("news", {"headline": "h"}) == 1
+            notice = {"event": "maintenance", "message": "at noon"}
+            assert (await client.request("system", notice))["reached"] == 1
+            got: list[dict[str, Any]] = []
+            with anyio.fail_after(5):
+                while len(got) < 3:
+                    got.append(await pushes.__anext__())
+        rest = [frame async for frame in pushes]  # the client closed: the iteration ends
+    assert [(f["type"], f["content"]) for f in got] == [
+        ("weather.alert", {"storm": True}),
+        ("news", {"headline": "h"}),
+        ("system", notice),
+    ]
+    assert all("replyTo" not in f and isinstance(f["seq"], int) for f in got)
+    assert rest == [] and called == got
+
+
+async def test_pushes_of_a_server_that_goes_away_end_with_connection_closed() -> None:
+    """The ``going_away`` notice at shutdown is a push; then the iterator raises."""
+    app = make_app()
+    called: list[dict[str, Any]] = []
+    async with anyio.create_task_group() as tg:
+        server = await start(tg, app)
+        async with connect(url(app.port), reconnect=False, on_push=called.append) as client:
+            pushes = client.pushes()
+            await server.stop()
+            with anyio.fail_after(5):
+                notice = await pushes.__anext__()
+                with pytest.raises(ConnectionClosed) as closed:
+                    await pushes.__anext__()
+    assert (notice["type"], notice["content"]["event"]) == ("system", "going_away")
+    assert closed.value.code == 1001 and called == [notice]
+
+
+async def test_origin_passes_an_origin_allow_list_and_a_refusal_says_how() -> None:
+    app = make_app(config={"server": {"origins": ["https://chat.test"]}})
+    async with serving(app):
+        with pytest.raises(HandshakeRefused) as caught:
+            async with connect(url(app.port)):
+                pytest.fail("connected without an Origin")
+        assert caught.value.status == 403
+        assert str(caught.value) == (
+            f"{url(app.port)} refused the WebSocket handshake: HTTP 403. The server's Origin"
+            " allow-list (server.origins) does not list this client's Origin (none sent):"
+            " pass origin= one of the listed origins"
+        )
+        with pytest.raises(HandshakeRefused, match=r"client's Origin \('https://evil\.test'\)"):
+            async with connect(url(app.port), origin="https://evil.test"):
+                pytest.fail("connected from an origin not listed")
+        async with connect(url(app.port), origin="https://chat.test") as client:
+            assert (await client.request("text", {"text": "hi"}))["text"] == "hi"
+
+
+async def test_origin_and_headers_go_into_every_handshake() -> None:
+    extra = {"X-Trace": "t-1"}
+    async with peer_client(origin="https://chat.test", headers=extra, token="jwt") as s:
+        assert s.conn.headers["origin"] == "https://chat.test"
+        assert s.conn.headers["x-trace"] == "t-1"
+        assert s.conn.headers["authorization"] == "Bearer jwt"
+        await s.conn.drop()
+        two = await s.peer.accept()
+        assert (two.headers["origin"], two.headers["x-trace"]) == ("https://chat.test", "t-1")
+        await two.answer_init(1, resumed=True)
+
+
+def test_a_header_given_twice_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="Origin once"):
+        Client("ws://h/ws", origin="https://a.test", headers={"origin": "https://b.test"})
+    with pytest.raises(ValueError, match="Authorization"):
+        Client("ws://h/ws", token="t", headers={"Authorization": "Basic x"})
 
 
 async def test_clean_close_sends_1000_and_stops() -> None:

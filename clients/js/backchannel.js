@@ -2,8 +2,13 @@
  * backchannel.js: the browser client for the backchannel wire protocol v1.
  *
  * One dependency-free ES module (no build step). The server ships it at
- * `/static/backchannel.js`; it also runs on Node when a WebSocket class is
- * passed in (`{WebSocket}`), which is how its tests run.
+ * `/static/backchannel.js`. On Node (20 or later) pass the `ws` package's class
+ * (`npm install ws`), which can also send an `Origin` and other headers:
+ *
+ * ```js
+ * import WebSocket from "ws";
+ * const client = await connect(url, { WebSocket, token, origin: "https://chat.example.com" });
+ * ```
  *
  * ```js
  * import { connect } from "/static/backchannel.js";
@@ -35,7 +40,8 @@
  * whether their history covered the gap), `closed` ({code, reason}).
  *
  * Same semantics as the Python client (`backchannel.client`), with what a browser
- * changes: the token travels only in `init` (no headers on a browser WebSocket),
+ * changes: the token travels only in `init` (no headers on a browser WebSocket;
+ * `origin` and `headers` need a WebSocket class that takes them, such as `ws`),
  * liveness is the `ping` type instead of protocol pings, and room messages come
  * through a callback instead of an async iterator.
  *
@@ -133,7 +139,12 @@ export class BackchannelError extends Error {
  * @property {(state: string, info: object) => void} [onState] connection state changes
  * @property {(frame: object) => void} [onMessage] server frames that answer no request of
  *   this client and belong to no subscribed room (e.g. `system` notices)
- * @property {Function} [WebSocket] the WebSocket class (default: `globalThis.WebSocket`)
+ * @property {Function} [WebSocket] the WebSocket class (default: `globalThis.WebSocket`);
+ *   on Node 20, which has none, the `ws` package's (`import WebSocket from "ws"`)
+ * @property {string} [origin] the handshake's `Origin` header, for a non-browser client
+ *   of a server with an Origin allow-list (`server.origins`); needs a WebSocket class
+ *   that takes options, such as `ws` (a browser always sends its page's origin)
+ * @property {Object<string, string>} [headers] more handshake headers (same condition)
  * @property {() => number} [random=Math.random] jitter source in [0, 1) (tests pin it)
  */
 
@@ -184,7 +195,23 @@ export class Client {
     };
     this._WebSocket = options.WebSocket || globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") {
-      throw new TypeError("no WebSocket class: pass one as options.WebSocket");
+      throw new TypeError(
+        "no WebSocket class: this runtime has no global WebSocket (Node 20). " +
+          'Install the ws package (npm install ws) and pass it: import WebSocket from "ws"; ' +
+          "connect(url, { WebSocket })",
+      );
+    }
+    /** The third argument of the WebSocket constructor (`ws` options), if any. */
+    this._socketOptions = null;
+    if (options.origin !== undefined || options.headers !== undefined) {
+      if (!options.WebSocket || options.WebSocket === globalThis.WebSocket) {
+        throw new TypeError(
+          "origin and headers need a WebSocket class that sends them, e.g. the ws package: " +
+            'import WebSocket from "ws"; connect(url, { WebSocket, origin })',
+        );
+      }
+      this._socketOptions = { headers: { ...options.headers } };
+      if (options.origin !== undefined) this._socketOptions.origin = options.origin;
     }
     /** @type {string} the last state reported through onState */
     this.state = "connecting";
@@ -379,7 +406,9 @@ export class Client {
     if (this._closed) return;
     let ws;
     try {
-      ws = new this._WebSocket(this.url, PROTOCOL);
+      ws = this._socketOptions
+        ? new this._WebSocket(this.url, PROTOCOL, this._socketOptions)
+        : new this._WebSocket(this.url, PROTOCOL);
     } catch (error) {
       // A malformed URL: no retry can fix it.
       const failed = new BackchannelError("connect_failed", String(error), { clientSide: true });
@@ -399,6 +428,7 @@ export class Client {
       pingAt: 0,
       lastFrameAt: 0,
       openTimer: null,
+      failure: "", // what the socket's error event said (ws: "Unexpected server response: 403")
     };
     this._conn = conn;
     conn.openTimer = setTimeout(
@@ -408,7 +438,10 @@ export class Client {
     ws.onopen = () => this._onOpen(conn);
     ws.onmessage = (event) => this._onData(conn, event.data);
     ws.onclose = (event) => this._lost(conn, event.code, event.reason || "");
-    ws.onerror = () => {}; // a close event follows
+    ws.onerror = (event) => {
+      // a close event follows; browsers say nothing more, ws says why
+      conn.failure = event?.message || event?.error?.message || "";
+    };
   }
 
   /** The socket is open: say `init` first (nothing else goes out before its answer). */
@@ -602,9 +635,15 @@ export class Client {
     if (this._closed) return;
     const why = `${code}${reason ? ": " + reason : ""}`;
     if (!this._everConnected) {
-      const failed = new BackchannelError("connect_failed", `cannot connect to ${this.url} (${why})`, {
-        clientSide: true,
-      });
+      let message = `cannot connect to ${this.url} (${why})`;
+      if (conn.failure) message += `: ${conn.failure}`;
+      if (/\b403\b/.test(conn.failure)) {
+        const sent = this._socketOptions?.origin;
+        message +=
+          `. The server's Origin allow-list (server.origins) does not list this client's Origin ` +
+          `(${sent ? JSON.stringify(sent) : "none sent"}): pass origin, one of the listed origins`;
+      }
+      const failed = new BackchannelError("connect_failed", message, { clientSide: true });
       this._shutdown(code, reason, error || failed);
       return;
     }

@@ -6,8 +6,16 @@
 
     async with connect("ws://127.0.0.1:8765/ws", token=jwt) as client:
         reply = await client.request("text", {"text": "hi"})
-        async for item in client.subscribe("lobby"):
+        room = client.subscribe("lobby")
+        await room.publish("hello, room")
+        async for item in room:
             ...  # a room message (dict), or a Gap where history could not fill a hole
+
+Frames the server pushes without a request (``app.send``, ``app.broadcast``,
+``system`` notices) go to ``on_push=`` and to :meth:`Client.pushes`. ``origin=``
+and ``headers=`` go into the opening handshake: a server with an Origin allow-list
+(``server.origins``) refuses a client without a listed ``origin`` with HTTP 403,
+raised as :class:`HandshakeRefused`.
 
 Runs on asyncio and Trio (anyio streams + the Sans-I/O
 :class:`~backchannel.websocket.ClientWire`). After a drop it reconnects with
@@ -27,10 +35,11 @@ import itertools
 import logging
 import math
 import random
+import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
@@ -47,6 +56,8 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "Gap",
+    "HandshakeRefused",
+    "Pushes",
     "RequestError",
     "RequestTimeout",
     "State",
@@ -131,6 +142,26 @@ class ConnectError(ClientError):
     """The first connection failed (no reconnecting before one success)."""
 
 
+class HandshakeRefused(ConnectError):
+    """The server answered the opening handshake with an HTTP error instead of a WebSocket.
+
+    ``status`` is that HTTP status (None if it could not be read). A backchannel
+    server answers 403 when ``server.origins`` (its Origin allow-list) does not
+    list the client's ``Origin`` header; 404 when the path is not its WebSocket path.
+    """
+
+    def __init__(self, url: str, status: int | None, why: str, origin: str | None) -> None:
+        message = f"{url} refused the WebSocket handshake: {why}"
+        if status == 403:
+            sent = repr(origin) if origin else "none sent"
+            message += (
+                f". The server's Origin allow-list (server.origins) does not list this"
+                f" client's Origin ({sent}): pass origin= one of the listed origins"
+            )
+        super().__init__(message)
+        self.url, self.status = url, status
+
+
 @dataclass(frozen=True)
 class Gap:
     """Yielded by a subscription where history could not fill a hole: messages may be
@@ -160,6 +191,29 @@ class _Mailbox:
         return self.items.popleft()
 
 
+_T = TypeVar("_T")
+
+
+class _Feed(Generic[_T]):
+    """An async iterator over a mailbox: its items, then its end, or the error that ended it."""
+
+    def __init__(self) -> None:
+        self._box = _Mailbox()
+
+    def __aiter__(self) -> _Feed[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        kind, value = await self._box.get()
+        if kind == "item":
+            item: _T = value
+            return item
+        self._box.put(kind, value)  # stay ended
+        if kind == "end":
+            raise StopAsyncIteration
+        raise value
+
+
 class _Link:
     """One WebSocket connection: stream, wire, writer wake-up, and init progress."""
 
@@ -178,18 +232,19 @@ class _Link:
             self.wake.set()
 
 
-class Subscription:
+class Subscription(_Feed[dict[str, Any] | Gap]):
     """Messages of one room (dicts: room, offset, epoch, from, text) and :class:`Gap` markers.
 
-    An async iterator; ``aclose()`` leaves the room and ends it.
+    An async iterator; :meth:`publish` sends to the room; ``aclose()`` leaves the room
+    and ends it.
     """
 
     def __init__(self, client: Client, room: str, since: dict[str, Any] | None) -> None:
+        super().__init__()
         self.room = room
         self.epoch: str | None = since["epoch"] if since else None
         self.offset: int | None = since["offset"] if since else None
         self._client = client
-        self._box = _Mailbox()
 
     def since(self) -> dict[str, Any] | None:
         """Position of the last message seen, for a re-join."""
@@ -213,25 +268,45 @@ class Subscription:
         if lost or self.offset is None:  # the answer's offset is the room's latest message
             self.epoch, self.offset = content.get("epoch"), content.get("offset")
 
-    def __aiter__(self) -> Subscription:
-        return self
+    async def publish(self, text: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Send ``text`` to the room; return the stored message ``{room, offset, epoch,
+        from, text}`` (this subscription yields it too, in its place).
 
-    async def __anext__(self) -> dict[str, Any] | Gap:
-        kind, value = await self._box.get()
-        if kind == "item":
-            item: dict[str, Any] | Gap = value
-            return item
-        self._box.put(kind, value)  # stay ended
-        if kind == "end":
-            raise StopAsyncIteration
-        raise value
+        Raises as :meth:`Client.request` does (e.g. ``forbidden`` without the
+        ``rooms`` permission to publish).
+        """
+        content = {"room": self.room, "text": text}
+        return await self._client.request("text", content, timeout=timeout)
 
     async def aclose(self) -> None:
         """Leave the room (the answer is not awaited) and end the iteration."""
         self._client._leave(self)
 
 
+class Pushes(_Feed[dict[str, Any]]):
+    """Frames the server sends without a request (``app.send``, ``app.broadcast``,
+    ``system`` notices, ``error`` frames that answer no request, room traffic of rooms
+    not subscribed to): whole frames (``type``, ``content``, ``id``, ``seq``,
+    ``timestamp``), each once, in order.
+
+    From :meth:`Client.pushes`: it keeps what arrives after it was made until read,
+    so make it before entering the client to miss nothing, and only to read it. Ends
+    when the client is closed (:class:`ConnectionClosed` if the server ended it);
+    ``aclose()`` stops it earlier.
+    """
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self._client = client
+
+    async def aclose(self) -> None:
+        """Stop collecting pushes and end the iteration."""
+        self._client._pushes.discard(self)
+        self._box.put("end", None)
+
+
 StateCallback = Callable[[State, dict[str, Any]], None]
+PushCallback = Callable[[dict[str, Any]], None]
 TokenProvider = Callable[[], Awaitable[str]]
 
 
@@ -244,7 +319,11 @@ class Client:
     every connection) goes in the ``Authorization`` header and in ``init``; a
     ``system`` ``token_expiring`` notice is answered with ``auth.refresh`` and a
     token from ``token_provider``.
-    ``on_state(state, info)`` is called on every :class:`State` change.
+    ``on_state(state, info)`` is called on every :class:`State` change;
+    ``on_push(frame)`` with every frame the server pushes (see :class:`Pushes`).
+    ``origin`` (the ``Origin`` header) and ``headers`` go into every opening
+    handshake: a server whose ``server.origins`` lists origins refuses a client
+    without one of them (:class:`HandshakeRefused`, HTTP 403).
     """
 
     def __init__(
@@ -257,9 +336,21 @@ class Client:
         backoff: Backoff = DEFAULT_BACKOFF,
         heartbeat: float | None = 15.0,
         on_state: StateCallback | None = None,
+        on_push: PushCallback | None = None,
+        origin: str | None = None,
+        headers: Mapping[str, str] | None = None,
         request_timeout: float = 30.0,
     ) -> None:
+        headers = dict(headers or {})
+        named = {name.lower() for name in headers}
+        if origin is not None and "origin" in named:
+            raise ValueError("give the Origin once: origin= or headers=, not both")
+        if (token or token_provider) and "authorization" in named:
+            raise ValueError("token= and token_provider= set the Authorization header")
+        if origin is not None:
+            headers["Origin"] = origin
         self.url, self.token, self.token_provider = url, token, token_provider
+        self.origin, self.headers, self.on_push = origin, headers, on_push
         self.reconnect, self.backoff, self.heartbeat = reconnect, backoff, heartbeat
         self.on_state, self.request_timeout = on_state, request_timeout
         self.session_id: str | None = None
@@ -269,6 +360,8 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[bytes, _Mailbox]] = {}  # id -> request, its answers
         self._rooms: dict[str, Subscription] = {}
+        self._pushes: set[Pushes] = set()
+        self._refusal: HandshakeRefused | None = None  # the last refused handshake
         self._joins: dict[str, tuple[Subscription, dict[str, Any] | None]] = {}
         self._link: _Link | None = None
         self._connected = False  # an init was answered at least once
@@ -292,6 +385,8 @@ class Client:
             raise
         if not self._connected:
             await self._shutdown()
+            if isinstance(self._fatal, ConnectError):
+                raise self._fatal
             raise ConnectError(str(self._fatal)) from self._fatal
         return self
 
@@ -367,6 +462,13 @@ class Client:
         if self._link is not None and self._link.ready.is_set():
             self._join(self._link, sub)
         return sub
+
+    def pushes(self) -> Pushes:
+        """Iterate the frames the server pushes from now on (see :class:`Pushes`)."""
+        self._check_open()
+        feed = Pushes(self)
+        self._pushes.add(feed)
+        return feed
 
     async def close(self) -> None:
         """Close cleanly (1000) and stop reconnecting; pending requests raise ConnectionClosed."""
@@ -446,10 +548,12 @@ class Client:
             self.last_seq = seq
         kind, reply_to, content = frame.get("type"), frame.get("replyTo"), frame.get("content")
         content = content or {}
+        in_room = False
         if kind == "text" and isinstance(content.get("offset"), int):
             sub = self._rooms.get(str(content.get("room")))
             if sub is not None:  # a member's message, our own reply, or a join replay
                 sub._deliver(content)
+                in_room = True
         if reply_to is None:
             if kind == "error":
                 log.warning("server error without a request: %s", content)
@@ -457,6 +561,8 @@ class Client:
                 link = self._link
                 if self.token_provider is not None and link is not None and link.tasks is not None:
                     link.tasks.start_soon(self._refresh_token)
+            if not in_room:
+                self._push(frame)
         elif reply_to in self._joins:
             if kind in ("join", "error"):
                 sub, since = self._joins.pop(reply_to)
@@ -470,6 +576,15 @@ class Client:
                 self._pending[reply_to][1].put("chunk", content)
             else:
                 self._pending.pop(reply_to)[1].put("answer", frame)
+
+    def _push(self, frame: dict[str, Any]) -> None:
+        for feed in self._pushes:
+            feed._box.put("item", frame)
+        if self.on_push is not None:
+            try:
+                self.on_push(frame)
+            except Exception:
+                log.exception("on_push callback failed")
 
     def _on_init(self, link: _Link, frame: dict[str, Any]) -> None:
         content = frame.get("content") or {}
@@ -563,8 +678,9 @@ class Client:
             for _, box in self._pending.values():
                 box.put("closed", closed)
             self._pending.clear()
-            for sub in self._rooms.values():
-                sub._box.put("end" if self._closing else "closed", closed)
+            feeds: list[_Feed[Any]] = [*self._rooms.values(), *self._pushes]
+            for feed in feeds:
+                feed._box.put("end" if self._closing else "closed", closed)
             self._set_state(State.CLOSED, {"code": code, "reason": reason})
             self._started.set()
             self._done.set()
@@ -575,7 +691,8 @@ class Client:
         while True:
             code, reason, was_ready = await self._attempt()
             if not self._connected:
-                self._fatal = self._fatal or ConnectError(f"cannot connect to {self.url}: {reason}")
+                failure = self._fatal or self._refusal
+                self._fatal = failure or ConnectError(f"cannot connect to {self.url}: {reason}")
                 return code, reason
             if was_ready:
                 attempt = 0
@@ -598,7 +715,9 @@ class Client:
         try:
             with anyio.fail_after(self.request_timeout):
                 token = await self.token_provider() if self.token_provider else self.token
-                headers = {"Authorization": f"Bearer {token}"} if token else None
+                headers = dict(self.headers)
+                if token:
+                    headers["Authorization"] = f"Bearer {token}"
                 wire = ClientWire(self.url, headers=headers, max_size=None)
                 stream: anyio.abc.ByteStream
                 if wire.secure:
@@ -621,7 +740,13 @@ class Client:
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(stream)
         if wire.handshake_error:
-            return None, f"handshake refused: {wire.handshake_error}", False
+            # websockets says "server rejected WebSocket connection: HTTP 403"
+            status = re.search(r"HTTP (\d{3})", wire.handshake_error)
+            why = f"HTTP {status[1]}" if status else wire.handshake_error
+            self._refusal = HandshakeRefused(
+                self.url, int(status[1]) if status else None, why, self.origin
+            )
+            return None, str(self._refusal), False
         code = wire.close_code if wire.is_closed else 1006
         return code, link.failure or wire.close_reason or "", link.ready.is_set()
 
