@@ -164,7 +164,7 @@ async def test_session_log_returns_frames_after_seq_in_order_unchanged(broker: B
     assert await log.since(0) == []
     frames = [frame(seq) for seq in (1, 2, 3)]
     for seq, data in enumerate(frames, 1):
-        log.append(seq, data)
+        log.append(seq, data, None)
     assert await log.since(0) == frames
     assert await log.since(1) == frames[1:]
     assert await log.since(2) == frames[2:]
@@ -177,7 +177,7 @@ async def test_since_last_seq_is_empty_and_last_seq_lets_the_caller_see_ahead(
     (``ahead``), which it can because the record reports ``last_seq``."""
     log = broker.open_session("s-ahead", "alice")
     for seq in (1, 2, 3):
-        log.append(seq, frame(seq))
+        log.append(seq, frame(seq), None)
     assert await log.since(3) == []
     record = await until(lambda: broker.find_session("s-ahead"), lambda r: r is not None)
     assert record is not None
@@ -189,7 +189,7 @@ async def test_session_log_trimmed_by_frames_no_longer_covers_old_seqs(broker: B
     log = broker.open_session("s-frames", "alice")
     frames = [frame(seq) for seq in range(1, OUTBOX_SIZE + 3)]  # 6 frames, 4 kept
     for seq, data in enumerate(frames, 1):
-        log.append(seq, data)
+        log.append(seq, data, None)
     assert 8 * len(frames) <= OUTBOX_BYTES  # the frame bound trims, not the byte bound
     assert await log.since(0) is None
     assert await log.since(1) is None  # needs frame 2, which is gone
@@ -202,17 +202,17 @@ async def test_session_log_trimmed_by_bytes_no_longer_covers_old_seqs(broker: Br
     log = broker.open_session("s-bytes", "alice")
     frames = [frame(seq, size=30) for seq in (1, 2, 3)]  # 90 bytes; the last two fit in 64
     for seq, data in enumerate(frames, 1):
-        log.append(seq, data)
+        log.append(seq, data, None)
     assert await log.since(0) is None
     assert await log.since(1) == frames[1:]
 
 
 async def test_session_log_is_read_back_through_find_session(broker: Broker) -> None:
     log = broker.open_session("s-found", "alice")
-    log.append(1, frame(1))
-    log.append(2, frame(2))
+    log.append(1, frame(1), None)
+    log.append(2, frame(2), None)
     other = broker.open_session("s-other", "bob")
-    other.append(1, frame(1, size=9))
+    other.append(1, frame(1, size=9), None)
     record = await until(
         lambda: broker.find_session("s-found"), lambda r: r is not None and r.last_seq == 2
     )
@@ -224,19 +224,19 @@ async def test_session_log_is_read_back_through_find_session(broker: Broker) -> 
 async def test_remembered_answer_is_recalled_within_the_window_only(broker: Broker) -> None:
     """``recall`` gives the answer frame (from the outbox) and the request's digest."""
     log = broker.open_session("s-dedupe", "alice")
-    log.append(1, frame(1))
-    log.append(2, frame(2))
+    log.append(1, frame(1), None)
+    log.append(2, frame(2), None)
     started = time.monotonic()
     log.remember("r1", 2, 12345)
     assert await recall(log, "r1") == (frame(2), 12345)
     assert await recall(log, "r2") is None
     other = broker.open_session("s-dedupe-2", "alice")
-    other.append(1, frame(1, size=9))
-    other.append(2, frame(2, size=9))
+    other.append(1, frame(1, size=9), None)
+    other.append(2, frame(2, size=9), None)
     assert await recall(other, "r1") is None  # answers belong to one session
     await until(lambda: recall(log, "r1"), lambda got: got is None)
     assert time.monotonic() - started >= DEDUPE_WINDOW
-    log.append(3, frame(3))
+    log.append(3, frame(3), None)
     log.remember("r3", 3, 3)  # a newer answer is kept while the older one is gone
     assert await recall(log, "r3") == (frame(3), 3)
     assert await recall(log, "r1") is None
@@ -246,12 +246,12 @@ async def test_answer_whose_frame_left_the_outbox_is_recalled_without_its_frame(
     broker: Broker,
 ) -> None:
     log = broker.open_session("s-dedupe-4", "alice")
-    log.append(1, frame(1))
+    log.append(1, frame(1), None)
     log.remember("first", 1, 7)
-    log.append(2, frame(2))
+    log.append(2, frame(2), None)
     log.remember("second", 2, 8)
     for seq in range(3, OUTBOX_SIZE + 2):  # frame 1 is pushed out, frame 2 stays
-        log.append(seq, frame(seq))
+        log.append(seq, frame(seq), None)
     assert await recall(log, "second") == (frame(2), 8)
     assert await recall(log, "first") == (b"", 7)  # answered: must not run again
 
@@ -273,7 +273,7 @@ async def expire(broker: Broker, session_id: str) -> list[str]:
 
 async def test_detached_session_is_found_until_its_ttl_then_expires_once(broker: Broker) -> None:
     log = broker.open_session("s-ttl", "alice")
-    log.append(1, frame(1))
+    log.append(1, frame(1), None)
     started = time.monotonic()
     broker.detach_session("s-ttl", 1, 0.2)
     assert "s-ttl" not in broker.expired_sessions()
@@ -291,7 +291,7 @@ async def test_session_past_its_ttl_is_not_found_even_before_it_is_reported(
 ) -> None:
     """Resume must not revive a session whose ttl passed but that no sweep
     (``expired_sessions``) removed yet; the sweep still reports it once."""
-    broker.open_session("s-late", "alice").append(1, frame(1))
+    broker.open_session("s-late", "alice").append(1, frame(1), None)
     started = time.monotonic()
     broker.detach_session("s-late", 1, 0.1)
     await until(lambda: broker.find_session("s-late"), lambda r: r is None)
@@ -300,8 +300,8 @@ async def test_session_past_its_ttl_is_not_found_even_before_it_is_reported(
 
 
 async def test_attached_session_never_expires(broker: Broker) -> None:
-    broker.open_session("s-back", "alice").append(1, frame(1))
-    broker.open_session("s-witness", "bob").append(1, frame(1))
+    broker.open_session("s-back", "alice").append(1, frame(1), None)
+    broker.open_session("s-witness", "bob").append(1, frame(1), None)
     broker.detach_session("s-back", 1, 0.1)
     broker.detach_session("s-witness", 1, 0.1)  # detached later: expires no earlier
     broker.attach_session("s-back", 1)
@@ -312,8 +312,8 @@ async def test_attached_session_never_expires(broker: Broker) -> None:
 
 
 async def test_session_that_was_never_detached_does_not_expire(broker: Broker) -> None:
-    broker.open_session("s-live", "alice").append(1, frame(1))
-    broker.open_session("s-witness", "bob").append(1, frame(1))
+    broker.open_session("s-live", "alice").append(1, frame(1), None)
+    broker.open_session("s-witness", "bob").append(1, frame(1), None)
     broker.detach_session("s-witness", 1, 0.05)
     assert "s-live" not in await expire(broker, "s-witness")
     assert await broker.find_session("s-live") is not None
@@ -322,8 +322,8 @@ async def test_session_that_was_never_detached_does_not_expire(broker: Broker) -
 async def test_dropped_session_is_gone_at_once_and_never_reported_expired(
     broker: Broker,
 ) -> None:
-    broker.open_session("s-drop", "alice").append(1, frame(1))
-    broker.open_session("s-witness", "bob").append(1, frame(1))
+    broker.open_session("s-drop", "alice").append(1, frame(1), None)
+    broker.open_session("s-witness", "bob").append(1, frame(1), None)
     broker.detach_session("s-drop", 1, 0.05)
     broker.detach_session("s-witness", 1, 0.05)
     broker.drop_session("s-drop")

@@ -34,8 +34,14 @@ ControlListener = Callable[[dict[str, Any]], None]
 class SessionLog(Protocol):
     """One session's durable part: its outbox and the answers it gave."""
 
-    def append(self, seq: int, frame: bytes) -> None:
-        """Keep frame ``seq`` (encoded) for resume; trims to the configured bounds."""
+    def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
+        """Keep frame ``seq`` (encoded) for resume (trimmed to the configured bounds), then
+        hand it to ``deliver`` (the attached connection's writer, None when detached).
+
+        Called for every frame a session is sent, so it must not block: an in-memory log
+        delivers at once; a networked one may deliver once the broker acknowledged the
+        write, so that a frame never reaches a client before another process could replay
+        it (in the order appended, per session)."""
 
     async def since(self, seq: int) -> list[bytes] | None:
         """Frames after ``seq`` in order, or None when the log no longer covers ``seq + 1``."""

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -60,7 +61,12 @@ class _SessionLog:
     def log(self) -> _SessionLog:
         return self
 
-    def append(self, seq: int, frame: bytes) -> None:
+    def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
+        self.keep(seq, frame)
+        if deliver is not None:
+            deliver(frame)
+
+    def keep(self, seq: int, frame: bytes) -> None:
         frames = self.frames
         if seq != self.last_seq + 1:  # never happens through Session.send; keep seqs exact
             frames.clear()

@@ -67,8 +67,9 @@ class _Unkept:
     """The log of a session nothing may resume (a connection not admitted, or admitted
     without a principal): frames reach the client live, and are kept nowhere."""
 
-    def append(self, seq: int, frame: bytes) -> None:
-        return None
+    def append(self, seq: int, frame: bytes, deliver: Write | None) -> None:
+        if deliver is not None:
+            deliver(frame)
 
     async def since(self, seq: int) -> list[bytes] | None:
         return None
@@ -158,7 +159,7 @@ class Session:
         frame["timestamp"] = hub.clock.now_iso()
         data = encode(frame)
         self.seq = seq
-        self.log.append(seq, data)
+        self.log.append(seq, data, self._write)  # the log delivers it once kept
         if (
             reply_to is not None
             and type != "chunk"
@@ -170,9 +171,6 @@ class Session:
                     request = request.message
                 self.log.remember(reply_to, seq, request.digest)
         hub.counters.frames_sent += 1
-        write = self._write
-        if write is not None:
-            write(data)
         if hub.observe_sent:
             hub.gateway.notify("message_sent", connection=self.connection, frame=frame)
         return seq

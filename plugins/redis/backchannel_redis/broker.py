@@ -158,9 +158,11 @@ class _SessionLog:
         self.answers: dict[str, tuple[float, int, int]] = {}
         self.order: deque[str] = deque()
 
-    def append(self, seq: int, frame: bytes) -> None:
+    def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
         # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
         self.broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
+        if deliver is not None:
+            deliver(frame)
 
     async def since(self, seq: int) -> list[bytes] | None:
         return await self.broker._since(self.id, seq)

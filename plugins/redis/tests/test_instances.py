@@ -39,6 +39,9 @@ from websockets.asyncio.client import connect as ws_connect
 from backchannel.client import Backoff, Client, ClientError, Gap, RequestError, State
 from backchannel.websocket import ClientWire
 
+#: the private redis-server fixtures (redis_process, redis_server)
+pytest_plugins = ["redis_fixtures"]
+
 pytestmark = pytest.mark.anyio
 
 ROOMS = ("alpha", "beta", "gamma")

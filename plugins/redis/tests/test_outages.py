@@ -29,6 +29,9 @@ from instances import BOUND, RedisServer
 from backchannel import App
 from backchannel.testing import websocket
 
+#: the private redis-server fixtures (redis_process, redis_server)
+pytest_plugins = ["redis_fixtures"]
+
 pytestmark = pytest.mark.anyio
 
 REDIS_LOG = "backchannel.broker.redis"

@@ -575,11 +575,11 @@ async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[s
     try:
         log = old.open_session("s-held", "alice")
         for seq in (1, 2, 3):
-            log.append(seq, f"frame {seq}".encode())
+            log.append(seq, f"frame {seq}".encode(), None)
         await old._barrier()
         record = await new.find_session("s-held")
         assert record is not None and record.last_seq == 3
-        log.append(4, b"frame 4 (old holder, after the read)")
+        log.append(4, b"frame 4 (old holder, after the read)", None)
         log.remember("r-old", 4, 7)
         await old._barrier()
         new.attach_session("s-held", 3)
@@ -588,13 +588,13 @@ async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[s
             lambda: told == [{"op": "takeover", "session": "s-held", "from": new.instance}],
             "the old holder was not told",
         )
-        log.append(5, b"frame 5 (old holder, after the takeover)")
+        log.append(5, b"frame 5 (old holder, after the takeover)", None)
         await old._barrier()
         record = await new.find_session("s-held")
         assert record is not None and record.last_seq == 3
         assert await record.log.since(0) == [b"frame 1", b"frame 2", b"frame 3"]
         new_log = record.log
-        new_log.append(4, b"frame 4 (new holder)")
+        new_log.append(4, b"frame 4 (new holder)", None)
         await new._barrier()
         assert await new_log.since(3) == [b"frame 4 (new holder)"]
         assert "s-held" not in old._logs

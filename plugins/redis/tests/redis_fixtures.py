@@ -1,4 +1,5 @@
-"""Fixtures of the redis plugin's tests that run their own Redis."""
+"""Fixtures of the redis plugin's tests that run their own Redis: a test module loads them
+with ``pytest_plugins = ["redis_fixtures"]``."""
 
 from __future__ import annotations
 
