@@ -359,20 +359,6 @@ class Gateway:
         if not impls:
             return None
 
-        def call(*args: Any) -> Awaitable[None] | None:
-            for index, (impl, func) in enumerate(impls):
-                try:
-                    result = func(*args)
-                except BackchannelError:
-                    raise
-                except Exception as exc:
-                    raise self._failed(spec, impl, exc) from exc
-                if result is not None:
-                    if _isawaitable(result):
-                        return finish(index, result, args)
-                    raise self._broken(spec, impl, _not_none(result))
-            return None
-
         async def finish(index: int, pending: Awaitable[Any], args: tuple[Any, ...]) -> None:
             impl = impls[index][0]
             try:
@@ -389,6 +375,38 @@ class Gateway:
                 raise
             except Exception as exc:
                 raise self._failed(spec, impl, exc) from exc
+
+        if len(impls) == 1:  # the common case: one direct call
+            only_impl, only = impls[0]
+
+            def call_one(*args: Any) -> Awaitable[None] | None:
+                try:
+                    result = only(*args)
+                except BackchannelError:
+                    raise
+                except Exception as exc:
+                    raise self._failed(spec, only_impl, exc) from exc
+                if result is None:
+                    return None
+                if _isawaitable(result):
+                    return finish(0, result, args)
+                raise self._broken(spec, only_impl, _not_none(result))
+
+            return call_one
+
+        def call(*args: Any) -> Awaitable[None] | None:
+            for index, (impl, func) in enumerate(impls):
+                try:
+                    result = func(*args)
+                except BackchannelError:
+                    raise
+                except Exception as exc:
+                    raise self._failed(spec, impl, exc) from exc
+                if result is not None:
+                    if _isawaitable(result):
+                        return finish(index, result, args)
+                    raise self._broken(spec, impl, _not_none(result))
+            return None
 
         return call
 

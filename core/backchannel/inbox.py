@@ -159,9 +159,25 @@ class Inbox:
             )
             return
         pending[message.id] = message
-        if not self._queue and not self._busy and pipeline.max_in_flight == 1:
-            self._handle_now(message)  # nothing ahead of it: no task switch
-        else:
+        if self._queue or self._busy or pipeline.max_in_flight != 1:
+            self._queue.append(message)
+            self._signal.set()
+            return
+        # Nothing ahead of it: handle it right here, no task switch; a sync handler answers
+        # now, an async one's rest goes to the front of the queue for the connection's task.
+        answered = conn.session.log.recall(message.id)
+        if answered is None:
+            rest = pipeline.start(conn, message)
+            if rest is None:  # answered
+                del pending[message.id]
+            else:
+                self._queue.appendleft(_Continue(self._job(message), rest))
+                self._signal.set()
+        elif isinstance(answered, tuple):
+            del pending[message.id]
+            answer_again(hub, conn, message, answered)
+        else:  # a networked broker's recall needs waiting: the connection's task does it
+            answered.close()  # type: ignore[attr-defined]
             self._queue.append(message)
             self._signal.set()
 
@@ -269,28 +285,13 @@ class Inbox:
         if started is not None:
             await self._finish(*started)
 
-    def _handle_now(self, message: Message) -> None:
-        """:meth:`_handle` without waiting: a sync handler answers right here; an
-        async one's rest goes to the front of the queue for the connection's task."""
-        answered = self._conn.session.log.recall(message.id)
-        if answered is not None and not isinstance(answered, tuple):  # needs waiting: queue it
-            answered.close()  # type: ignore[attr-defined]
-            self._queue.append(message)
-            self._signal.set()
-            return
-        started = self._start(message, answered)
-        if started is not None:
-            self._queue.appendleft(_Continue(*started))
-            self._signal.set()
-
     def _start(
         self, message: Message, answered: tuple[bytes, int] | None
     ) -> tuple[Job, Rest] | None:
         """Answer a retry again, or run the request as far as it goes without waiting;
         the Job and what is left to await, if anything."""
         conn = self._conn
-        session = conn.session
-        pending = session.pending
+        pending = conn.session.pending
         if answered is not None:
             pending.pop(message.id, None)
             answer_again(self._hub, conn, message, answered)
@@ -299,10 +300,15 @@ class Inbox:
         if rest is None:  # answered: a sync handler never needs a Job
             pending.pop(message.id, None)
             return None
+        return self._job(message), rest
+
+    def _job(self, message: Message) -> Job:
+        """The request's rest has to be awaited: it becomes a Job (deadline, cancel)."""
+        session = self._conn.session
         job = Job(message, session, self._runtime)
-        pending[message.id] = job
+        session.pending[message.id] = job
         self._hub.running.add(job)
-        return job, rest
+        return job
 
     async def _finish(self, job: Job, rest: Rest) -> None:
         try:

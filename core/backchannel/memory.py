@@ -62,23 +62,20 @@ class _SessionLog:
         return self
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
-        self.keep(seq, frame)
-        if deliver is not None:
-            deliver(frame)
-
-    def keep(self, seq: int, frame: bytes) -> None:
         frames = self.frames
         if seq != self.last_seq + 1:  # never happens through Session.send; keep seqs exact
             frames.clear()
             self.size = 0
         # Keep a right-sized copy: orjson's bytes hold a >= 4 KiB buffer whatever their
         # length, which would make the real outbox ~10x what outbox_max_bytes counts.
-        frame = bytes(memoryview(frame))
-        frames.append(frame)
+        kept = bytes(memoryview(frame))
+        frames.append(kept)
         self.last_seq = seq
-        self.size += len(frame)
+        self.size += len(kept)
         while len(frames) > self.max_frames or self.size > self.max_bytes:
             self.size -= len(frames.popleft())
+        if deliver is not None:
+            deliver(frame)
 
     def _frame(self, seq: int) -> bytes | None:
         index = seq - (self.last_seq - len(self.frames) + 1)

@@ -249,7 +249,12 @@ class Pipeline:
                 pending = validate(message, conn)
                 if pending is not None:
                     return Rest(entry, pending, True)
-            result = _call_handler(entry, message, conn)
+            try:  # (inline: the handler's failure names its plugin)
+                result = entry.handler(message, conn)
+            except BackchannelError:
+                raise
+            except Exception as exc:
+                raise HookFailed("handle", entry.plugin, exc) from exc
             if (
                 result is not None
                 and type(result) is not dict
