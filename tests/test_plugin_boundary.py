@@ -154,4 +154,4 @@ def test_every_public_member_is_documented(prefix: str, members: set[str]) -> No
 def test_every_public_module_is_documented() -> None:
     text = DOC.read_text()
     documented = set(re.findall(r"`(backchannel(?:\.[a-z_]+)?)`", text))
-    assert PUBLIC_MODULES <= documented
+    assert documented >= PUBLIC_MODULES
