@@ -34,6 +34,7 @@ __all__ = ["Inbox", "Job"]
 
 log = logging.getLogger("backchannel.connection")
 
+_BINARY = "binary frames are not part of protocol v1; send JSON text"
 #: requests the connection's task handles in a row before giving the others a turn
 _INLINE_RUN = 16
 
@@ -95,27 +96,18 @@ class Inbox:
             return
         hub = self._hub
         pipeline = hub.pipeline
-        early = self._early
-        if early is not None:  # not admitted yet: nothing is answered before that
-            if len(early) < pipeline.max_queued:
-                early.append(payload)
-            else:
-                conn.close(CloseCode.POLICY_VIOLATION, "too many messages before admission")
+        if self._early is not None:  # not admitted yet: nothing is answered before that
+            self._wait(payload)
             return
         hub.counters.frames_received += 1
         if type(payload) is not str:
-            conn.send_error(
-                None,
-                BackchannelError(
-                    ErrorCode.BAD_JSON, "binary frames are not part of protocol v1; send JSON text"
-                ),
-            )
+            self._refuse(None, ErrorCode.BAD_JSON, _BINARY)
             return
         try:
             data = decode(payload)
         except orjson.JSONDecodeError as exc:
             why = "nested too deeply" if "depth" in str(exc) else "not valid JSON"
-            conn.send_error(None, BackchannelError(ErrorCode.BAD_JSON, f"message is {why}"))
+            self._refuse(None, ErrorCode.BAD_JSON, f"message is {why}")
             return
         if type(data) is not dict or not pipeline.envelope.is_valid(data):
             self._bad_envelope(data)
@@ -134,29 +126,14 @@ class Inbox:
             self._cancel(message)
             return
         if hub.shutting_down:
-            conn.send_error(
-                message.id,
-                BackchannelError(ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect"),
-                message,
-            )
+            self._refuse(message, ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect")
             return
         pending = conn.session.pending
         if message.id in pending:  # a retry of a request still queued or running: attach
-            hub.counters.retries += 1
-            log.info(
-                "retry attached conn=%s session=%s msg=%s",
-                conn.id,
-                conn.session.id,
-                message.id,
-                extra={"connection_id": conn.id, "message_id": message.id},
-            )
+            self._attach(message)
             return
         if len(self._queue) >= pipeline.max_queued:
-            conn.send_error(
-                message.id,
-                BackchannelError(ErrorCode.OVERLOADED, "too many requests waiting; retry later"),
-                message,
-            )
+            self._refuse(message, ErrorCode.OVERLOADED, "too many requests waiting; retry later")
             return
         pending[message.id] = message
         if self._queue or self._busy or pipeline.max_in_flight != 1:
@@ -180,6 +157,31 @@ class Inbox:
             answered.close()  # type: ignore[attr-defined]
             self._queue.append(message)
             self._signal.set()
+
+    def _wait(self, payload: str | bytes) -> None:
+        """Before admission: keep the message (a bounded number) for after it."""
+        early = self._early
+        assert early is not None
+        if len(early) < self._hub.pipeline.max_queued:
+            early.append(payload)
+        else:
+            self._conn.close(CloseCode.POLICY_VIOLATION, "too many messages before admission")
+
+    def _refuse(self, message: Message | None, code: ErrorCode, text: str) -> None:
+        reply_to = None if message is None else message.id
+        self._conn.send_error(reply_to, BackchannelError(code, text), message)
+
+    def _attach(self, message: Message) -> None:
+        """A retry of a request still queued or running: its answer will serve both."""
+        conn = self._conn
+        self._hub.counters.retries += 1
+        log.info(
+            "retry attached conn=%s session=%s msg=%s",
+            conn.id,
+            conn.session.id,
+            message.id,
+            extra={"connection_id": conn.id, "message_id": message.id},
+        )
 
     def admitted(self) -> None:
         """The connection was admitted: handle what arrived meanwhile, in order."""
