@@ -35,7 +35,7 @@ from .broker import Broker
 from .config import Settings
 from .connection import Connection, Transport
 from .counters import Counters
-from .errors import StartupError
+from .errors import ErrorCode, StartupError
 from .hooks import Gateway, new_manager
 from .http import HttpRequest, HttpResponse, RouteHandler, json_response
 from .hub import Hub, holder_of
@@ -190,15 +190,22 @@ class App:
         schema: dict[str, Any] | None = None,
         permission: str | None = None,
         timeout: float | None = None,
+        reply: dict[str, Any] | str | None = None,
+        reply_type: str | None = None,
+        chunks: dict[str, Any] | None = None,
+        errors: Iterable[ErrorCode | str] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@app.handler("type")`` answers that message type.
 
         The function takes ``(message)`` or ``(message, connection)``; see the
-        ``handle`` hookspec for what it may return.
+        ``handle`` hookspec for what it may return. ``reply``, ``reply_type``,
+        ``chunks`` and ``errors`` describe its answer, as in the ``message_types`` hookspec.
         """
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            options = {"schema": schema, "permission": permission, "timeout": timeout}
+            options: dict[str, Any] = {"schema": schema, "permission": permission}
+            options |= {"timeout": timeout, "reply": reply, "reply_type": reply_type}
+            options |= {"chunks": chunks, "errors": errors}
             self.use(_TypePlugin(type, func, options), f"handler:{type}")
             return func
 
