@@ -150,6 +150,7 @@ class App:
         #: the port it listens on, once listening
         self.port: int | None = None
         self._routes: dict[str, RouteHandler] = {}
+        self._contract: dict[str, Any] | None = None  # /asyncapi.json, built on first use
         self._metrics: dict[str, Callable[[], dict[str, Any]]] = {}
         self._stop: anyio.Event | None = None
         self._ready = False
@@ -420,6 +421,8 @@ class App:
         self._pipeline.build()
         self._hub.observe()
         routes: dict[str, RouteHandler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        routes["/asyncapi.json"] = self._asyncapi
+        self._contract = None
         routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
         if self.settings.server.demo:
             routes["/"] = _static("demo.html", "text/html; charset=utf-8")
@@ -445,6 +448,22 @@ class App:
     def _readyz(self, request: HttpRequest) -> HttpResponse:
         health = self.health()
         return json_response(health, 200 if health["ready"] else 503)
+
+    def _asyncapi(self, request: HttpRequest) -> HttpResponse:
+        """The AsyncAPI document of what this App serves (built on first use), with the
+        host the client asked for."""
+        from .asyncapi import document, registered_types
+
+        if self._contract is None:
+            server = self.settings.server
+            self._contract = document(
+                registered_types(self), host="", path=server.path, version=__version__
+            )
+        doc = dict(self._contract)
+        server = self.settings.server
+        host = request.headers.get("host") or f"{server.host}:{self.port or server.port}"
+        doc["servers"] = {"backchannel": {**doc["servers"]["backchannel"], "host": host}}
+        return json_response(doc)
 
     @asynccontextmanager
     async def serving(self, listener: Listener) -> AsyncIterator[App]:
