@@ -76,7 +76,7 @@ def document(
     doc.shared_messages()
     cancel = MessageType(
         "cancel",
-        "(kernel)",
+        "kernel",
         doc.schemas["request.cancel"],
         None,
         0.0,
