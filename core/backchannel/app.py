@@ -35,7 +35,7 @@ from .broker import Broker
 from .config import Settings
 from .connection import Connection, Transport
 from .counters import Counters
-from .errors import StartupError
+from .errors import ErrorCode, StartupError
 from .hooks import Gateway, new_manager
 from .http import HttpRequest, HttpResponse, RouteHandler, json_response
 from .hub import Hub, holder_of
@@ -150,6 +150,7 @@ class App:
         #: the port it listens on, once listening
         self.port: int | None = None
         self._routes: dict[str, RouteHandler] = {}
+        self._contract: dict[str, Any] | None = None  # /asyncapi.json, built on first use
         self._metrics: dict[str, Callable[[], dict[str, Any]]] = {}
         self._stop: anyio.Event | None = None
         self._ready = False
@@ -190,15 +191,22 @@ class App:
         schema: dict[str, Any] | None = None,
         permission: str | None = None,
         timeout: float | None = None,
+        reply: dict[str, Any] | str | None = None,
+        reply_type: str | None = None,
+        chunks: dict[str, Any] | None = None,
+        errors: Iterable[ErrorCode | str] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@app.handler("type")`` answers that message type.
 
         The function takes ``(message)`` or ``(message, connection)``; see the
-        ``handle`` hookspec for what it may return.
+        ``handle`` hookspec for what it may return. ``reply``, ``reply_type``,
+        ``chunks`` and ``errors`` describe its answer, as in the ``message_types`` hookspec.
         """
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            options = {"schema": schema, "permission": permission, "timeout": timeout}
+            options: dict[str, Any] = {"schema": schema, "permission": permission}
+            options |= {"timeout": timeout, "reply": reply, "reply_type": reply_type}
+            options |= {"chunks": chunks, "errors": errors}
             self.use(_TypePlugin(type, func, options), f"handler:{type}")
             return func
 
@@ -413,6 +421,8 @@ class App:
         self._pipeline.build()
         self._hub.observe()
         routes: dict[str, RouteHandler] = {"/healthz": self._healthz, "/readyz": self._readyz}
+        routes["/asyncapi.json"] = self._asyncapi
+        self._contract = None
         routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
         if self.settings.server.demo:
             routes["/"] = _static("demo.html", "text/html; charset=utf-8")
@@ -438,6 +448,22 @@ class App:
     def _readyz(self, request: HttpRequest) -> HttpResponse:
         health = self.health()
         return json_response(health, 200 if health["ready"] else 503)
+
+    def _asyncapi(self, request: HttpRequest) -> HttpResponse:
+        """The AsyncAPI document of what this App serves (built on first use), with the
+        host the client asked for."""
+        from .asyncapi import document, registered_types
+
+        if self._contract is None:
+            server = self.settings.server
+            self._contract = document(
+                registered_types(self), host="", path=server.path, version=__version__
+            )
+        doc = dict(self._contract)
+        server = self.settings.server
+        host = request.headers.get("host") or f"{server.host}:{self.port or server.port}"
+        doc["servers"] = {"backchannel": {**doc["servers"]["backchannel"], "host": host}}
+        return json_response(doc)
 
     @asynccontextmanager
     async def serving(self, listener: Listener) -> AsyncIterator[App]:

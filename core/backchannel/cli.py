@@ -324,6 +324,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    """Print the AsyncAPI 3.0 document of the types this config's plugins register."""
+    from .app import App, __version__
+    from .asyncapi import document, dumps, registered_types
+
+    try:
+        app = App(args.config)
+        types = registered_types(app)
+    except StartupError as exc:
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 2
+    server = app.settings.server
+    host = "localhost" if server.host in ("", "0.0.0.0", "::") else server.host
+    doc = document(types, host=f"{host}:{server.port}", path=server.path, version=__version__)
+    sys.stdout.write(dumps(doc))
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
@@ -380,6 +398,12 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     listing.add_argument("--config", "-c", help="config deciding which are enabled")
     listing.set_defaults(func=cmd_plugins)
 
+    asyncapi = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the enabled plugins' message types"
+    )
+    asyncapi.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    asyncapi.set_defaults(func=cmd_asyncapi)
+
     if plugin_commands:
         _plugin_commands(sub)
     return parser
@@ -401,7 +425,7 @@ def _plugin_commands(sub: Any) -> None:
             print(f"backchannel: plugin {name!r} ({module}): {exc}", file=sys.stderr)
 
 
-_BUILTIN = {"serve", "check", "plugins"}
+_BUILTIN = {"serve", "check", "plugins", "asyncapi"}
 
 
 def main(argv: list[str] | None = None) -> int:
