@@ -21,7 +21,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -29,19 +28,20 @@ import anyio.abc
 import sniffio
 
 from . import config as config_mod
-from . import hookspecs
 from . import plugins as discovery
 from .broker import Broker
 from .config import Settings
 from .connection import Connection, Transport
 from .counters import Counters
-from .errors import ErrorCode, StartupError
+from .errors import ErrorCode
 from .hooks import Gateway, new_manager
-from .http import HttpRequest, HttpResponse, RouteHandler, json_response
+from .http import HttpRequest, RouteHandler
 from .hub import Hub, holder_of
+from .inline import EVENTS, TypePlugin, observer
 from .memory import MemoryBroker
 from .model import MessageType
 from .pipeline import Pipeline
+from .routes import route_table
 from .runtime import Runtime
 from .session import Session
 
@@ -52,17 +52,6 @@ __all__ = ["App", "EVENTS", "Listener", "__version__"]
 
 __version__ = "0.1.0"
 log = logging.getLogger("backchannel.app")
-hookimpl = hookspecs.hookimpl
-
-#: ``@app.on(event)`` names and the arguments their callbacks receive, in order.
-EVENTS: dict[str, tuple[str, ...]] = {
-    "connection_added": ("connection",),
-    "connection_removed": ("connection", "code"),
-    "message_received": ("message", "connection"),
-    "message_sent": ("connection", "frame"),
-    "error": ("connection", "message_id", "error"),
-    "alert": ("name", "state", "details"),
-}
 
 
 class Listener(Protocol):
@@ -76,28 +65,6 @@ class Listener(Protocol):
 
     def abandon(self) -> None:
         """After the drain: cancel what is left of the connections' tasks."""
-
-
-def _observer(event: str, func: Callable[..., Any]) -> object:
-    """A one-hook plugin object calling ``func`` positionally for ``event``."""
-    args = EVENTS[event]
-    namespace: dict[str, Any] = {}
-    params = ", ".join(args)
-    exec(f"def {event}({params}):\n    return func({params})\n", {"func": func}, namespace)
-    return type(f"on_{event}", (), {event: staticmethod(hookimpl(namespace[event]))})()
-
-
-class _TypePlugin:
-    """What ``@app.handler`` registers: one message type with its handler."""
-
-    def __init__(self, name: str, handler: Callable[..., Any], options: dict[str, Any]) -> None:
-        self._name = name
-        self._handler = handler
-        self._options = options
-
-    @hookimpl
-    def message_types(self, register: Callable[..., None]) -> None:
-        register(self._name, handler=self._handler, **self._options)
 
 
 class App:
@@ -150,7 +117,6 @@ class App:
         #: the port it listens on, once listening
         self.port: int | None = None
         self._routes: dict[str, RouteHandler] = {}
-        self._contract: dict[str, Any] | None = None  # /asyncapi.json, built on first use
         self._metrics: dict[str, Callable[[], dict[str, Any]]] = {}
         self._stop: anyio.Event | None = None
         self._ready = False
@@ -207,7 +173,7 @@ class App:
             options: dict[str, Any] = {"schema": schema, "permission": permission}
             options |= {"timeout": timeout, "reply": reply, "reply_type": reply_type}
             options |= {"chunks": chunks, "errors": errors}
-            self.use(_TypePlugin(type, func, options), f"handler:{type}")
+            self.use(TypePlugin(type, func, options), f"handler:{type}")
             return func
 
         return decorate
@@ -218,7 +184,7 @@ class App:
             raise ValueError(f"unknown event {event!r}; one of {', '.join(EVENTS)}")
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            self.use(_observer(event, func), f"on:{event}:{self._inline + 1}")
+            self.use(observer(event, func), f"on:{event}:{self._inline + 1}")
             return func
 
         return decorate
@@ -420,50 +386,7 @@ class App:
         await self.broker.start()
         self._pipeline.build()
         self._hub.observe()
-        routes: dict[str, RouteHandler] = {"/healthz": self._healthz, "/readyz": self._readyz}
-        routes["/asyncapi.json"] = self._asyncapi
-        self._contract = None
-        routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
-        if self.settings.server.demo:
-            routes["/"] = _static("demo.html", "text/html; charset=utf-8")
-
-        def registrar(plugin: str) -> dict[str, Any]:
-            def register(method: str, path: str, handler: RouteHandler) -> None:
-                if method.upper() != "GET":
-                    raise StartupError(
-                        f"plugin {plugin!r}: route {method} {path}: only GET routes are served"
-                    )
-                if path in routes or path == self.settings.server.path:
-                    raise StartupError(f"plugin {plugin!r}: route {path} is already taken")
-                routes[path] = handler
-
-            return {"register": register}
-
-        gateway.setup("http_routes", registrar)
-        self._routes = routes
-
-    def _healthz(self, request: HttpRequest) -> HttpResponse:
-        return json_response(self.health())
-
-    def _readyz(self, request: HttpRequest) -> HttpResponse:
-        health = self.health()
-        return json_response(health, 200 if health["ready"] else 503)
-
-    def _asyncapi(self, request: HttpRequest) -> HttpResponse:
-        """The AsyncAPI document of what this App serves (built on first use), with the
-        host the client asked for."""
-        from .asyncapi import document, registered_types
-
-        if self._contract is None:
-            server = self.settings.server
-            self._contract = document(
-                registered_types(self), host="", path=server.path, version=__version__
-            )
-        doc = dict(self._contract)
-        server = self.settings.server
-        host = request.headers.get("host") or f"{server.host}:{self.port or server.port}"
-        doc["servers"] = {"backchannel": {**doc["servers"]["backchannel"], "host": host}}
-        return json_response(doc)
+        self._routes = route_table(self, gateway)
 
     @asynccontextmanager
     async def serving(self, listener: Listener) -> AsyncIterator[App]:
@@ -572,13 +495,6 @@ class App:
         """After :meth:`stop`, wait until the background server of :meth:`start` ended."""
         if self._task is not None:
             await self._task
-
-
-def _static(name: str, content_type: str) -> RouteHandler:
-    """A GET route serving ``backchannel/static/<name>``, read once at start-up."""
-    body = files("backchannel").joinpath("static", name).read_bytes()
-    response = HttpResponse(200, body, content_type, {"Cache-Control": "no-cache"})
-    return lambda request: response
 
 
 def _split(type: str | dict[str, Any], content: Any) -> tuple[str, Any]:
