@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from importlib import metadata
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["App", "EVENTS", "Listener", "__version__"]
 
-__version__ = "0.1.0"
+#: the installed distribution's version: core/pyproject.toml's ``version``, the one source
+__version__ = metadata.version("backchannel")
 log = logging.getLogger("backchannel.app")
 hookimpl = hookspecs.hookimpl
 
