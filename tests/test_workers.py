@@ -324,7 +324,9 @@ def test_workers_comes_from_file_environment_and_flag(
     assert config_mod.load(path, environ={})["server"]["workers"] == 3
     environ = {"BACKCHANNEL_SERVER__WORKERS": "4"}
     assert config_mod.load(path, environ=environ)["server"]["workers"] == 4
-    with pytest.raises(StartupError, match=r"server\.workers: less than 1"):
+    with pytest.raises(
+        StartupError, match=r"server\.workers \(from BACKCHANNEL_SERVER__WORKERS\): less than 1"
+    ):
         config_mod.load(None, environ={"BACKCHANNEL_SERVER__WORKERS": "0"})
     # the flag reaches the refusal (port 0), so it was read: nothing is started
     monkeypatch.setattr(cli, "_setup_logging", lambda *args: None)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -53,21 +54,76 @@ def _setup_logging(level: str, fmt: str = "console", explicit: str | None = None
     setup_logging(level, fmt, explicit=explicit)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> App:
+    """What ``serve`` and ``check`` both do first: read the config (file, environment, flags),
+    load the enabled plugins and check their settings, and check that the event loop and
+    ``server.workers`` can run this config. Raises :class:`StartupError`."""
     from .app import App
 
-    try:
-        cfg = config_mod.load(args.config, overrides=_overrides(args))
-        _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
-        app = App(cfg, environ={})  # (cfg has the environment and the flags already)
-    except StartupError as exc:
-        print(f"backchannel: {exc}", file=sys.stderr)
-        return 2
-    if cfg["server"]["workers"] > 1:
+    app = App(args.config, overrides=_overrides(args))
+    server = app.settings.server
+    if server.backend == "trio":
+        try:
+            import trio  # noqa: F401
+        except ImportError as exc:
+            raise StartupError(
+                'server.backend = "trio" needs Trio, which is not installed: '
+                "pip install 'backchannel[trio]'"
+            ) from exc
+    if server.workers > 1:
         refusal = _cannot_supervise(app)
         if refusal is not None:
-            print(f"backchannel: {refusal}", file=sys.stderr)
-            return 2
+            raise StartupError(refusal)
+    return app
+
+
+def _run(app: App, main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` on the App's event loop (``server.backend``, uvloop when asked for)."""
+    server = app.settings.server
+    options: dict[str, Any] = {}
+    if server.backend == "asyncio" and server.uvloop:
+        try:
+            import uvloop  # noqa: F401
+
+            options["use_uvloop"] = True
+        except ImportError:
+            pass
+    anyio.run(main, backend=server.backend, backend_options=options)
+
+
+def _start_up(app: App) -> None:
+    """Start the App and shut it down again without listening: every set-up hook, plugin
+    resource (schemas, key files, secrets) and the broker, as ``serve`` starts them."""
+    from .testing import serve_in_memory
+
+    async def main() -> None:
+        async with serve_in_memory(app):
+            pass
+
+    _run(app, main)
+
+
+def _refused(failure: StartupError | OSError, code: int = 2) -> int:
+    """Print why the server cannot start, as one plain line (the same for serve and check)."""
+    what = "cannot listen: " if isinstance(failure, OSError) else ""
+    print(f"backchannel: {what}{failure}", file=sys.stderr)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        app = _prepare(args)
+        if app.settings.server.workers > 1:
+            # refuse once, here, what every worker would refuse at start-up
+            _start_up(app)
+    except Exception as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        return _refused(failure)
+    cfg = app.config
+    _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
+    if cfg["server"]["workers"] > 1:
         return _supervise(args, cfg)
     supervisor: int | None = getattr(args, "worker_of", None)  # set in _supervise's workers
     log = logging.getLogger("backchannel.app")
@@ -95,26 +151,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await app.serve_forever(reuse_port=supervisor is not None)
             tg.cancel_scope.cancel()
 
-    backend = cfg["server"]["backend"]
-    options: dict[str, Any] = {}
-    if backend == "asyncio" and cfg["server"]["uvloop"]:
-        try:
-            import uvloop  # noqa: F401
-
-            options["use_uvloop"] = True
-        except ImportError:
-            pass
     try:
-        anyio.run(main, backend=backend, backend_options=options)
+        _run(app, main)
     except Exception as exc:
         # Exit 2 (a supervisor does not restart it) only when it never listened; from inside
         # the serving task group, the failure comes wrapped in an ExceptionGroup.
         failure = _startup_failure(exc) if app.port is None else None
         if failure is None:
             raise
-        what = "cannot listen: " if isinstance(failure, OSError) else ""
-        print(f"backchannel: {what}{failure}", file=sys.stderr)
-        return 2
+        return _refused(failure)
     return 0
 
 
@@ -312,14 +357,17 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .app import App
-
+    """Everything ``serve`` does but listening: the same checks, the App's start-up and
+    shutdown; what ``serve`` would refuse is refused with the same line."""
     source = args.config or "(defaults)"
     try:
-        app = App(args.config)
-    except StartupError as exc:
-        print(f"{source}: {exc}", file=sys.stderr)
-        return 1
+        app = _prepare(args)
+        _start_up(app)
+    except Exception as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        return _refused(failure, 1)
     print(f"{source}: OK (plugins: {', '.join(app.config['plugins']['enabled'])})")
     return 0
 
