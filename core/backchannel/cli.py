@@ -1,4 +1,5 @@
-"""The ``backchannel`` command: ``serve``, ``plugins``, ``check``, plus plugin commands."""
+"""The ``backchannel`` command: ``serve``, ``check``, ``plugins``, ``new-plugin``, plus plugin
+commands."""
 
 from __future__ import annotations
 
@@ -399,6 +400,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .scaffold import new_plugin
+
+    try:
+        target = new_plugin(args.name, Path(args.directory))
+    except StartupError as exc:
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 2
+    print(f"{target}: the {args.name!r} plugin; next: cd {target} && uv run pytest")
+    return 0
+
+
 def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backchannel", description="Real-time chat server over WebSocket."
@@ -423,6 +438,16 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and its plugins without starting")
     check.add_argument("config", nargs="?", help="TOML config file")
     check.set_defaults(func=cmd_check)
+
+    scaffold = sub.add_parser(
+        "new-plugin",
+        help="write a plugin package (backchannel-NAME/): message type, schemas, tests, README",
+    )
+    scaffold.add_argument("name", help="the plugin's name (and its message type's)")
+    scaffold.add_argument(
+        "--directory", "-d", default=".", help="where to write backchannel-NAME/ (default: .)"
+    )
+    scaffold.set_defaults(func=cmd_new_plugin)
 
     listing = sub.add_parser("plugins", help="list installed plugins as JSON")
     listing.add_argument("--config", "-c", help="config deciding which are enabled")
@@ -449,7 +474,7 @@ def _plugin_commands(sub: Any) -> None:
             print(f"backchannel: plugin {name!r} ({module}): {exc}", file=sys.stderr)
 
 
-_BUILTIN = {"serve", "check", "plugins"}
+_BUILTIN = {"serve", "check", "plugins", "new-plugin"}
 
 
 def main(argv: list[str] | None = None) -> int:
