@@ -324,8 +324,9 @@ class Client:
     instead of retrying forever. An ``init`` answered ``overloaded``,
     ``shutting_down`` or ``rate_limited`` is "not now": the client drops that
     connection and reconnects with backoff (waiting at least ``retryAfter``), before
-    the first connection too, keeping the session it resumes. ``token`` (or ``token_provider``, awaited before
-    every connection) goes in the ``Authorization`` header and in ``init``; a
+    the first connection too, keeping the session it resumes. ``token`` (or
+    ``token_provider``, awaited before every connection) goes in the
+    ``Authorization`` header and in ``init``; a
     ``system`` ``token_expiring`` notice is answered with ``auth.refresh`` and a
     token from ``token_provider``.
     ``on_state(state, info)`` is called on every :class:`State` change;
