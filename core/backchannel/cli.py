@@ -33,6 +33,10 @@ __all__ = ["main"]
 #: a worker dying this many times within RESTART_WINDOW seconds makes the supervisor give up
 MAX_DEATHS = 5
 RESTART_WINDOW = 10.0
+#: a stop signal within this many seconds of the first is that same request delivered twice
+#: (to the process group, and forwarded by a launcher: `uv run` without a terminal, systemd
+#: stopping a control group), not a second one asking to kill the workers
+REPEAT_WINDOW = 1.0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,14 +225,15 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """Run ``server.workers`` copies of ``serve`` on one port (SO_REUSEPORT) until SIGTERM or
     SIGINT, which each worker gets as SIGTERM (graceful: going-away, 1001). A worker that dies
     is restarted, with back-off; MAX_DEATHS within RESTART_WINDOW seconds: give up (exit 1).
-    A worker exiting with 2 could not start (config, cannot listen): stop all, exit 2."""
+    A worker exiting with 2 could not start (config, cannot listen): stop all, exit 2.
+    A second stop signal (REPEAT_WINDOW seconds or more after the first) kills the workers."""
     log = logging.getLogger("backchannel.workers")
     count: int = cfg["server"]["workers"]
     cmd = _worker_command(args)
     workers: list[subprocess.Popen[bytes] | None] = [None] * count
     restart_at: dict[int, float] = {}
     deaths: deque[float] = deque()
-    requested: list[int] = []
+    requested: list[tuple[int, float]] = []  # stop signals: (signal, when)
 
     # Signals wake the wait below through this pipe: no polling, no wake-up lost between
     # looking at the workers and waiting.
@@ -237,7 +242,12 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     os.set_blocking(wake_w, False)
 
     def on_stop(signum: int, frame: object) -> None:
-        requested.append(signum)
+        requested.append((signum, time.monotonic()))
+
+    def asked_again(seen: int) -> bool:
+        """A stop signal came after the first ``seen`` ones that is not one of them again."""
+        first = requested[0][1] if seen else -REPEAT_WINDOW
+        return any(at - first >= REPEAT_WINDOW for _, at in requested[seen:])
 
     def on_child(signum: int, frame: object) -> None:
         pass  # only wakes the wait (through the wake-up fd)
@@ -319,7 +329,7 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         live = [proc for proc in workers if proc is not None]
         if requested:
             log.info(
-                "received %s, stopping %d workers", signal.Signals(requested[0]).name, len(live)
+                "received %s, stopping %d workers", signal.Signals(requested[0][0]).name, len(live)
             )
         seen = len(requested)
         for proc in live:
@@ -328,8 +338,8 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         deadline = time.monotonic() + cfg["shutdown"]["grace"] + 15.0
         clean = True
         while any(proc.poll() is None for proc in live):
-            if time.monotonic() >= deadline or len(requested) > seen:
-                why = "a second signal" if len(requested) > seen else "the time limit"
+            if time.monotonic() >= deadline or asked_again(seen):
+                why = "a second signal" if asked_again(seen) else "the time limit"
                 log.error("killing the workers still running (%s)", why)
                 for proc in live:
                     proc.kill()
