@@ -104,10 +104,40 @@ def logical_lines(text: str) -> list[str]:
             raw = pending + raw.lstrip()
             pending = ""
         if raw.endswith("\\"):
-            pending = raw[:-1] + " "
+            pending = raw[:-1].rstrip() + " "
             continue
         lines.append(raw)
     return lines
+
+
+#: a trailing shell comment (no quote after the ``#``, so not one inside a string)
+COMMENT = re.compile(r"\s+#[^'\"]*$")
+_HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
+
+
+def strict(lines: list[str]) -> list[str]:
+    """Make a failure anywhere in a command line fail the script: ``set -e`` does not stop
+    at a failing command before ``&&`` (``a && b`` with ``a`` failing goes on), so every
+    command line gets ``|| exit $?`` (its trailing comment dropped). Lines in the background
+    (``&``), comments and here-document bodies stay as they are. (So a block holds one
+    command per line, which is what docs print anyway: no multi-line ``if``/``for``.)"""
+    result = []
+    body_end: str | None = None
+    for line in lines:
+        if body_end is not None:
+            result.append(line)
+            if line.strip() == body_end:
+                body_end = None
+            continue
+        heredoc = _HEREDOC.search(line)
+        if heredoc:
+            body_end = heredoc[2]
+        code = COMMENT.sub("", line).rstrip()
+        if not code or code.lstrip().startswith(("#", ":")) or code.endswith("&"):
+            result.append(line)
+        else:
+            result.append(f"{code} || exit $?")
+    return result
 
 
 def free_port() -> int:
@@ -150,10 +180,11 @@ def run_script(script: str, cwd: Path, env: dict[str, str], timeout: float) -> R
 
 
 def stop_group(pgid: int, grace: float = 15.0, reap: Callable[[], object] = lambda: None) -> None:
-    """SIGTERM every process of group ``pgid``; SIGKILL what is left ``grace`` s later.
-    ``reap``: collect our own child of the group, if it is one (a zombie stays in it)."""
+    """Interrupt every process of group ``pgid`` as Ctrl-C in a terminal does (SIGINT to the
+    group: ``uv run`` leaves it to its child, which gets it once); SIGKILL what is left
+    ``grace`` s later. ``reap``: collect our own child of the group (a zombie stays in it)."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGINT)
     except ProcessLookupError:
         return
     # The group's processes are not our children: polling the group is all there is.
