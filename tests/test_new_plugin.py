@@ -18,7 +18,7 @@ from backchannel import cli
 from backchannel.scaffold import new_plugin
 from conftest import ROOT
 from shell_blocks import free_port, run_script, section_block
-from test_packaging import README_VENV, clean_env, outside
+from test_packaging import README_VENV, archive_names, clean_env, outside
 
 __all__ = ["outside"]  # the fixture, shared with test_packaging (built once per module)
 
@@ -104,6 +104,13 @@ def test_contributing_from_new_plugin_to_a_streamed_answer_over_a_socket(
         "{'word': 'rain', 'index': 2}",
     ], ran.output
     assert " 7 passed" in ran.output  # the generated tests, on asyncio and Trio
-    project = tomllib.loads((tmp_path / "backchannel-weather" / "pyproject.toml").read_text())
+    plugin = tmp_path / "backchannel-weather"
+    schemas = {
+        "backchannel_weather/schemas/weather.schema.json",
+        "backchannel_weather/schemas/weather.config.schema.json",
+    }
+    for archive in ("*.whl", "*.tar.gz"):  # hatchling's include rules ship them in both
+        assert schemas <= archive_names(plugin / "dist", archive), archive
+    project = tomllib.loads((plugin / "pyproject.toml").read_text())
     (kernel_wheel,) = (venv.parent / "repo" / "dist").glob("backchannel-*.whl")
     assert project["tool"]["uv"]["sources"]["backchannel"] == {"path": str(kernel_wheel)}
