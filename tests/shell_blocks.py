@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 RUNNABLE = {"sh", "bash", "console"}
 DIRECTIVES = {"server", "not", "by", "skip"}
@@ -153,21 +154,25 @@ class Ran:
     output: str
 
 
+def spawn(command: str, cwd: Path, env: dict[str, str], stdout: Any, stdin: Any = None) -> Any:
+    """``bash -c command`` in a process group of its own (stopped with :func:`stop_group`),
+    its stderr with its stdout."""
+    return subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def run_script(script: str, cwd: Path, env: dict[str, str], timeout: float) -> Ran:
-    """Run ``script`` with ``bash -euo pipefail`` in a process group of its own, bounded by
-    ``timeout``; whatever it left running (servers it put in the background) is stopped
-    with SIGTERM, then SIGKILL, when it ends."""
+    """Run ``script`` with ``bash -euo pipefail``, bounded by ``timeout``; whatever it left
+    running (servers it put in the background) is stopped when it ends."""
     with tempfile.TemporaryFile("w+") as out:
-        process = subprocess.Popen(
-            ["bash", "-c", "set -euo pipefail\n" + script],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        process = spawn("set -euo pipefail\n" + script, cwd, env, out)
         try:
             code: int | None = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

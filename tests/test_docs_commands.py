@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import signal
 import subprocess
 import time
 import urllib.request
@@ -37,6 +36,7 @@ from shell_blocks import (
     parse_directives,
     pattern,
     run_script,
+    spawn,
     stop_group,
     strict,
     strip_ansi,
@@ -165,15 +165,7 @@ def server(command: str, cwd: Path, env: dict[str, str], port: int) -> Iterator[
     """Run ``command`` (a ``backchannel serve``) until the block is done; fail if it never
     answers ``/readyz``."""
     with open(cwd.parent / f"server-{port}.log", "w+") as log:
-        process = subprocess.Popen(
-            ["bash", "-c", command.replace("8765", str(port))],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        process = spawn(command.replace("8765", str(port)), cwd, env, log)
         try:
             deadline = time.monotonic() + READY
             while True:
@@ -198,15 +190,7 @@ def transcript(block: Block, cwd: Path, env: dict[str, str], port: int) -> None:
     assert lines[0].startswith("$ ")
     inputs = [line[2:] for line in lines[1:] if line.startswith("> ")]
     expected = [pattern(line) for line in lines[1:] if line.startswith("< ")]
-    process = subprocess.Popen(
-        ["bash", "-c", lines[0][2:]],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = spawn(lines[0][2:], cwd, env, subprocess.PIPE, stdin=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None
     seen = ""
     try:
@@ -223,8 +207,6 @@ def transcript(block: Block, cwd: Path, env: dict[str, str], port: int) -> None:
             seen = strip_ansi(seen)
         process.stdin.close()
     finally:
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
         stop_group(process.pid, reap=process.poll)
         process.wait()
 
