@@ -445,7 +445,10 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by _supervise
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check", help="validate a config file and its plugins without starting")
+    check = sub.add_parser(
+        "check",
+        help="everything serve does but listening: config, environment, plugins, start-up",
+    )
     check.add_argument("config", nargs="?", help="TOML config file")
     check.set_defaults(func=cmd_check)
 
