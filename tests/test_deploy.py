@@ -24,10 +24,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from test_packaging import clean_env, copy_checkout, run
 
 from backchannel import App
 from conftest import ROOT, serve_process
+from test_packaging import clean_env, copy_checkout, run
 
 DOCKERFILE = ROOT / "Dockerfile"
 SECRET = "x" * 43  # CHAT_JWT_SECRET, as a deployment would set it (32 random bytes, base64)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -50,7 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["App", "EVENTS", "Listener", "__version__"]
 
-__version__ = "0.1.0"
+#: the installed distribution's version: core/pyproject.toml's ``version``, the one source
+__version__ = metadata.version("backchannel")
 log = logging.getLogger("backchannel.app")
 
 
@@ -80,6 +82,8 @@ class App:
             name of the installed plugin it is an instance of, so its settings table
             and defaults apply.
         environ: the environment to read instead of ``os.environ``.
+        overrides: settings that beat the file and the environment (``backchannel serve``'s
+            flags), shaped like the config.
     """
 
     def __init__(
@@ -87,14 +91,19 @@ class App:
         config: dict[str, Any] | str | os.PathLike[str] | None = None,
         *,
         plugins: Iterable[str | object] | None = None,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        overrides: dict[str, Any] = {}
+        settings = config_mod.merge({}, overrides or {})
         if plugins is not None:
             plugins = list(plugins)
-            overrides = {"plugins": {"enabled": [p for p in plugins if isinstance(p, str)]}}
+            names = [p for p in plugins if isinstance(p, str)]
+            config_mod.merge(settings, {"plugins": {"enabled": names}})
+        self._environ = os.environ if environ is None else environ
         #: the checked configuration, shaped like ``backchannel.toml`` (defaults filled in)
-        self.config: dict[str, Any] = config_mod.load(config, environ=environ, overrides=overrides)
+        self.config: dict[str, Any] = config_mod.load(
+            config, environ=self._environ, overrides=settings
+        )
         #: the kernel's settings, typed (``app.settings.session.ttl``)
         self.settings = Settings.from_config(self.config)
         #: what the kernel counted since start (connections, frames, errors, closes, ...)
@@ -137,7 +146,8 @@ class App:
     def _register(self, plugin: object, name: str) -> None:
         self._gateway.register(plugin, name)
         schemas = self._gateway.setup("config_schema", {}, plugin=name)
-        config_mod.check_plugin(self.config, name, schemas[0][1] if schemas else None)
+        schema = schemas[0][1] if schemas else None
+        config_mod.check_plugin(self.config, name, schema, self._environ)
 
     def use(self, plugin: object, name: str | None = None) -> object:
         """Register an in-process plugin object (its hookimpls run after config plugins).
@@ -376,7 +386,18 @@ class App:
 
     # --------------------------------------------------------------- lifecycle
 
+    def _check_tables(self) -> None:
+        """Every ``[plugins.<name>]`` table names a plugin registered here or installed (a
+        misspelt table would otherwise be ignored silently)."""
+        tables = set(self.config["plugins"]) - {"enabled"} - set(self.plugins())
+        if tables:
+            known = [*self.plugins(), *discovery.installed()]
+            problems = config_mod.unknown_tables(self.config, known, self._environ)
+            if problems:
+                raise config_mod.invalid(problems)
+
     async def _startup(self) -> None:
+        self._check_tables()
         gateway = self._gateway
         await gateway.setup_async("startup", app=self)
         chosen = await gateway.setup_async("broker", app=self)
