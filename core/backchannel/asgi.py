@@ -53,7 +53,7 @@ import sniffio
 
 from .http import HttpRequest, HttpResponse
 from .runtime import AnyioRuntime, AsyncioRuntime, Runtime, Signal
-from .server import Endpoint, ServerOptions, _route
+from .server import Endpoint, ServerOptions, route
 from .websocket import SUBPROTOCOL
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class AsgiApp:
             if request.path == options.ws_path:
                 response = HttpResponse(426, _UPGRADE, headers={"Upgrade": "websocket"})
             else:
-                response = await _route(options, request)
+                response = await route(options, request)
         headers = [
             (b"content-type", response.content_type.encode()),
             (b"content-length", str(len(response.body)).encode()),

@@ -11,6 +11,11 @@ Two drivers give the same behaviour:
 Each owns the handshake timeout, the closing timeout and the send-side
 backpressure signal (``blocked_since``). What happens with a message is up to the
 :class:`Endpoint` the factory makes (the kernel's ``Connection``, or a test echo).
+
+A connection serves one HTTP request: a WebSocket handshake, or a plain ``GET`` for
+a route (:func:`route`), answered with ``Connection: close``; whatever the client
+sends after that request is ignored (see :class:`~.websocket.Wire`). While the peer
+does not read, pings are answered by one pong once it does (``Wire.data_to_send``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "AsyncioDriver",
     "Endpoint",
     "ServerOptions",
+    "route",
     "serve_anyio",
     "serve_asyncio",
 ]
@@ -72,15 +78,18 @@ class ServerOptions:
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     routes: dict[str, RouteHandler] = field(default_factory=dict)
-    on_connection: Callable[[], bool] = lambda: True
     #: called with the HTTP status (as text) of a refused handshake, or "timeout"
     on_reject: Callable[[str], None] = lambda reason: None
 
 
-async def _route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
+async def route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
+    """The answer to a plain HTTP request: the route's, 404, or 405 for a method other
+    than GET (routes are GET only; a crashing route is logged and answered 500)."""
     handler = options.routes.get(request.path)
     if handler is None:
         return HttpResponse(404, b"not found\n")
+    if request.method != "GET":
+        return HttpResponse(405, b"only GET is served\n", headers={"Allow": "GET"})
     try:
         result = handler(request)
         if isinstance(result, Awaitable):
@@ -249,7 +258,8 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.wire.receive_eof()
         self._flush()
-        return None
+        # A client may half-close after its request: keep the socket to send the answer.
+        return True if self.wire.answering else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -264,6 +274,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.blocked_since = None
+        self._flush()  # the pong held while the peer was not reading
 
     def _opened(self, request: HttpRequest) -> None:
         self._cancel_timer()
@@ -274,7 +285,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
         self._cancel_timer()
 
         async def respond() -> None:
-            response = await _route(self.options, request)
+            response = await route(self.options, request)
             if not self._closed:
                 self.wire.respond(response)
                 self._flush()
@@ -285,7 +296,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             return
-        chunks = self.wire.data_to_send()
+        chunks = self.wire.data_to_send(blocked=self.blocked_since is not None)
         if len(chunks) == 1 and chunks[0]:
             transport.write(chunks[0])
         elif chunks and b"" not in chunks:
@@ -296,7 +307,9 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
                     transport.write(chunk)
                 elif transport.can_write_eof():
                     transport.write_eof()
-        if self._timer is None and self.wire.close_expected():
+        if self.wire.is_closed:  # both sides ended (an answer sent after the client's EOF)
+            transport.close()
+        elif self._timer is None and self.wire.close_expected():
             self._timer = self.runtime.loop.call_later(self.options.close_timeout, self._abort)
 
     def _abort(self) -> None:
@@ -343,7 +356,6 @@ class AnyioDriver(_DriverBase):
         self._wake = anyio.Event()
         self._eof = False
         self._handshaken = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
         self._pending_http: HttpRequest | None = None
         #: the reader's scope once open: a closing handshake gives it close_timeout
         self._read_scope: anyio.CancelScope | None = None
@@ -359,8 +371,7 @@ class AnyioDriver(_DriverBase):
         self._handshaken.set()
 
     def _flush(self) -> None:
-        for chunk in self.wire.data_to_send():
-            self._out.append(chunk)
+        self._out.extend(self.wire.data_to_send(blocked=self.blocked_since is not None))
         self._wake.set()
         self._arm_close_timeout()
 
@@ -394,6 +405,7 @@ class AnyioDriver(_DriverBase):
                     await stream.send(b"".join(chunks))
                 finally:
                     self.blocked_since = None
+                self._flush()  # the pong held while the send was under way
             if self._eof:
                 with contextlib.suppress(Exception):  # the peer may be gone already
                     await stream.send_eof()
@@ -414,7 +426,7 @@ class AnyioDriver(_DriverBase):
             self.options.on_reject("timeout")
             return
         if self._pending_http is not None:
-            response = await _route(self.options, self._pending_http)
+            response = await route(self.options, self._pending_http)
             self.wire.respond(response)
             self._flush()
         with anyio.CancelScope() as self._read_scope:
@@ -442,7 +454,6 @@ class AnyioDriver(_DriverBase):
     async def serve(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
                 tg.start_soon(self._writer)
                 await self._reader()
                 if self.endpoint is not None:
@@ -474,7 +485,11 @@ async def serve_anyio(
     started(int(bound))
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
-        await AnyioDriver(options, stream, task_group).serve()
+        driver = AnyioDriver(options, stream, task_group)
+        try:
+            await driver.serve()
+        except Exception:  # a bug ends this connection, not the listener and every other one
+            log.exception("connection from %s failed", driver.remote)
 
     async with listener:
         await listener.serve(handle, task_group=task_group)
