@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from backchannel import App
+from backchannel.pytest_plugin import no_traceback_logged  # noqa: F401  (autouse: the guard)
 from backchannel.testing import websocket
 
 ROOT = Path(__file__).resolve().parent.parent
