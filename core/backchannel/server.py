@@ -51,6 +51,9 @@ __all__ = [
 
 log = logging.getLogger("backchannel.server")
 
+#: what reading or writing a stream raises once the peer is gone (reset, closed)
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
 
 class Endpoint(Protocol):
     """The message side of one accepted WebSocket."""
@@ -359,6 +362,8 @@ class AnyioDriver(_DriverBase):
         self._pending_http: HttpRequest | None = None
         #: the reader's scope once open: a closing handshake gives it close_timeout
         self._read_scope: anyio.CancelScope | None = None
+        #: the whole reader's: the writer cancels it when the peer is gone
+        self._reading = anyio.CancelScope()
 
     def _opened(self, request: HttpRequest) -> None:
         group = self._server_group
@@ -403,6 +408,11 @@ class AnyioDriver(_DriverBase):
                 self.blocked_since = time.monotonic()
                 try:
                     await stream.send(b"".join(chunks))
+                except _GONE:  # nothing more can be written: stop reading too
+                    log.debug("connection from %s: peer gone while writing", self.remote)
+                    self._out.clear()
+                    self._reading.cancel()
+                    return
                 finally:
                     self.blocked_since = None
                 self._flush()  # the pong held while the send was under way
@@ -417,7 +427,7 @@ class AnyioDriver(_DriverBase):
             while not self._handshaken.is_set() and not self.wire.is_closed:
                 try:
                     data = await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                except _GONE:
                     self.wire.receive_eof()
                     return
                 await self._take(data)
@@ -438,7 +448,7 @@ class AnyioDriver(_DriverBase):
     async def _read_once(self) -> bool:
         try:
             data = await self.stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except _GONE:
             self.wire.receive_eof()
             self._flush()
             return False
@@ -455,7 +465,10 @@ class AnyioDriver(_DriverBase):
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._writer)
-                await self._reader()
+                with self._reading:
+                    await self._reader()
+                if self._reading.cancel_called:  # the writer found the peer gone
+                    self.wire.receive_eof()
                 if self.endpoint is not None:
                     code = self.wire.close_code
                     self.endpoint.on_closed(1006 if code is None else int(code))
