@@ -138,6 +138,19 @@ async def test_methods_other_than_get_on_a_route_get_405_with_allow(method: str)
         assert status == 200
 
 
+@pytest.mark.parametrize(
+    "extra", ["Content-Length: 5", "Transfer-Encoding: chunked"], ids=["length", "chunked"]
+)
+async def test_a_request_with_a_body_is_closed_unanswered_and_counted(extra: str) -> None:
+    """Routes take no body: such a request is not HTTP this server speaks (as for any request
+    websockets cannot parse): no answer, the connection ends, ``bad_request`` is counted."""
+    async with serving(make_app()) as app:
+        request = f"POST /healthz HTTP/1.1\r\nHost: x\r\n{extra}\r\n\r\nhello".encode()
+        assert await exchange(_port(app), request) == b""
+        assert app.metrics()["handshakes"]["rejected"] == {"bad_request": 1}
+        await assert_serves(app)
+
+
 async def test_frames_sent_right_behind_the_handshake_are_served() -> None:
     """A client that does not wait for the 101 (the handshake and a request in one write)
     is served: after an accepted handshake, what followed the request head is frames."""
