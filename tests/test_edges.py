@@ -189,20 +189,34 @@ def _ping(payload: bytes) -> bytes:
     return bytes([0x80 | OP_PING, 0x80 | len(payload)]) + mask + masked
 
 
-async def test_every_ping_of_a_reading_client_is_answered_in_order() -> None:
+@pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "byte-by-byte"])
+async def test_every_ping_of_a_reading_client_is_answered_in_order(bytewise: bool) -> None:
     """A client that reads gets a pong for each of its pings, with the ping's payload and in
-    order, even for pings sent back to back in one write (Autobahn case 2.10)."""
+    order, for pings sent back to back in one write or a byte at a time (Autobahn cases
+    2.10, 2.11); a ping between the fragments of a request is answered before the request
+    (Autobahn 5.6)."""
     payloads = [f"payload-{i}".encode() for i in range(10)]
+    request = b'{"id":"r1","type":"ping","content":{}}'
+    fragmented = (
+        bytes([OP_TEXT, 0x80 | 10]) + bytes(4) + request[:10]  # FIN unset, zero mask
+        + _ping(b"between")
+        + bytes([0x80, 0x80 | (len(request) - 10)]) + bytes(4) + request[10:]
+    )  # fmt: skip
     async with serving(make_app()) as app, raw_connect(_port(app)) as raw:
         assert await raw.handshake() == 101
-        await raw.stream.send(b"".join(_ping(p) for p in payloads))
-        pongs = []
+        data = b"".join(_ping(p) for p in payloads) + fragmented
+        if bytewise:
+            for byte in data:
+                await raw.stream.send(bytes([byte]))
+        else:
+            await raw.stream.send(data)
+        got: list[tuple[int, bytes]] = []
         with anyio.fail_after(5):
-            while len(pongs) < len(payloads):
-                opcode, payload = await raw.read_frame()
-                assert opcode == OP_PONG
-                pongs.append(payload)
-        assert pongs == payloads
+            while len(got) < len(payloads) + 2:
+                got.append(await raw.read_frame())
+        assert got[: len(payloads) + 1] == [(OP_PONG, p) for p in [*payloads, b"between"]]
+        opcode, answer = got[-1]
+        assert opcode == OP_TEXT and b'"replyTo":"r1"' in answer
 
 
 def _kernel_buffered_pongs() -> int:

@@ -14,8 +14,9 @@ backpressure signal (``blocked_since``). What happens with a message is up to th
 
 A connection serves one HTTP request: a WebSocket handshake, or a plain ``GET`` for
 a route (:func:`route`), answered with ``Connection: close``; whatever the client
-sends after that request is ignored (see :class:`~.websocket.Wire`). While the peer
-does not read, pings are answered by one pong once it does (``Wire.data_to_send``).
+sends after that request is ignored (see :class:`~.websocket.Wire`). While more than
+:data:`HIGH_WATER` bytes wait for the peer, its pings are not answered one by one
+(``Wire.hold_pongs``): a client that does not read cannot make pongs pile up.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "AsyncioDriver",
     "Endpoint",
     "ServerOptions",
+    "HIGH_WATER",
     "route",
     "serve_anyio",
     "serve_asyncio",
@@ -51,6 +53,9 @@ __all__ = [
 
 log = logging.getLogger("backchannel.server")
 
+#: bytes waiting for the peer past which it counts as not reading, for pongs (asyncio's
+#: default write-buffer high-water mark, which the asyncio driver gets from its transport)
+HIGH_WATER = 65536
 #: what reading or writing a stream raises once the peer is gone (reset, closed)
 _GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
@@ -274,9 +279,11 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.blocked_since = time.monotonic()
+        self.wire.hold_pongs = True
 
     def resume_writing(self) -> None:
         self.blocked_since = None
+        self.wire.hold_pongs = False
         self._flush()  # the pong held while the peer was not reading
 
     def _opened(self, request: HttpRequest) -> None:
@@ -299,7 +306,7 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closed:
             return
-        chunks = self.wire.data_to_send(blocked=self.blocked_since is not None)
+        chunks = self.wire.data_to_send()
         if len(chunks) == 1 and chunks[0]:
             transport.write(chunks[0])
         elif chunks and b"" not in chunks:
@@ -356,6 +363,7 @@ class AnyioDriver(_DriverBase):
         except Exception:
             self.remote = None
         self._out: deque[bytes] = deque()
+        self._queued = 0  # bytes in _out and in the send under way
         self._wake = anyio.Event()
         self._eof = False
         self._handshaken = anyio.Event()
@@ -376,7 +384,10 @@ class AnyioDriver(_DriverBase):
         self._handshaken.set()
 
     def _flush(self) -> None:
-        self._out.extend(self.wire.data_to_send(blocked=self.blocked_since is not None))
+        chunks = self.wire.data_to_send()
+        self._out.extend(chunks)
+        self._queued += sum(map(len, chunks))
+        self.wire.hold_pongs = self._queued > HIGH_WATER
         self._wake.set()
         self._arm_close_timeout()
 
@@ -406,8 +417,9 @@ class AnyioDriver(_DriverBase):
                 chunks.append(chunk)
             if chunks:
                 self.blocked_since = time.monotonic()
+                data = b"".join(chunks)
                 try:
-                    await stream.send(b"".join(chunks))
+                    await stream.send(data)
                 except _GONE:  # nothing more can be written: stop reading too
                     log.debug("connection from %s: peer gone while writing", self.remote)
                     self._out.clear()
@@ -415,7 +427,8 @@ class AnyioDriver(_DriverBase):
                     return
                 finally:
                     self.blocked_since = None
-                self._flush()  # the pong held while the send was under way
+                self._queued -= len(data)
+                self._flush()  # (with a pong held while more than HIGH_WATER waited)
             if self._eof:
                 with contextlib.suppress(Exception):  # the peer may be gone already
                     await stream.send_eof()

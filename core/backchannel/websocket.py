@@ -14,9 +14,10 @@ or reach an inconsistent state (issue 11):
   after it wait for its answer (frames, after a 101) or are ignored (after any other
   answer), so junk or a pipelined second request behind ``GET /healthz`` cannot start
   a second answer;
-* pings are answered by the :class:`Wire`, not at once by websockets: while the
-  driver reports that the peer is not reading, only the latest ping is answered, once
-  it reads again (RFC 6455 §5.5.3), so a ping flood cannot queue pongs.
+* pings are answered by the :class:`Wire`, not by websockets: at once, in order,
+  while the peer reads; while the driver reports that it does not
+  (:attr:`Wire.hold_pongs`), only the latest ping keeps a pong waiting, sent once it
+  reads again (RFC 6455 §5.5.3), so a ping flood cannot queue pongs.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class WireSink(Protocol):
 class _ServerProtocol(ServerProtocol):
     """websockets' ``ServerProtocol``, except that a ping is handed over as an event
     instead of being answered at once: :class:`Wire` answers it (see
-    :meth:`Wire.data_to_send`)."""
+    :attr:`Wire.hold_pongs`)."""
 
     def recv_frame(self, frame: Frame) -> None:
         if frame.opcode is _PING:
@@ -246,7 +247,8 @@ class Wire(_Side):
         "_eof_waiting",
         "_backlog",
         "_unfed",
-        "_pongs",
+        "_pong",
+        "hold_pongs",
     )
 
     _protocol: ServerProtocol
@@ -281,7 +283,10 @@ class Wire(_Side):
         self._eof_waiting = False  # the peer half-closed before what it sent was handled
         #: bytes received and not given to the parser yet (see FEED_SIZE)
         self._unfed = memoryview(b"")
-        self._pongs: list[bytes] = []  # payloads of the pings not answered yet
+        self._pong: bytes | None = None  # the payload of the latest ping held unanswered
+        #: set by the driver while the peer is not reading (its send buffer is full): then
+        #: pings are not answered one by one, the latest one waits for its pong
+        self.hold_pongs = False
 
     @property
     def close_code(self) -> int | None:
@@ -393,9 +398,17 @@ class Wire(_Side):
 
     def _message(self, frame: Frame) -> str | bytes | None:
         if frame.opcode is _PING:
-            self._pongs.append(bytes(frame.data))
+            self._pong = bytes(frame.data)
+            if not self.hold_pongs:
+                self._send_pong()
             return None
         return super()._message(frame)
+
+    def _send_pong(self) -> None:
+        payload, self._pong = self._pong, None
+        protocol = self._protocol
+        if payload is not None and protocol.state is State.OPEN and not protocol.eof_sent:
+            protocol.send_pong(payload)  # (closing: no answer needed)
 
     def receive_eof(self) -> None:
         """The peer closed its side of the TCP connection (taken once what it sent before
@@ -407,24 +420,11 @@ class Wire(_Side):
 
     # --------------------------------------------------------------- outgoing
 
-    def data_to_send(self, *, blocked: bool = False) -> list[bytes]:
-        """Bytes to write, in order; an empty bytes object means half-close (EOF).
-
-        Pongs answering the pings received since the last call come last. ``blocked``: the
-        peer is not reading (the driver's send buffer is full): the pongs wait, and only
-        the one answering the latest ping is kept (RFC 6455 §5.5.3), so however many pings
-        a client sends without reading, one pong waits for it.
-        """
-        pongs = self._pongs
-        if pongs:
-            if blocked:
-                del pongs[:-1]
-            else:
-                protocol = self._protocol
-                if protocol.state is State.OPEN and not protocol.eof_sent:  # (else: closing)
-                    for payload in pongs:
-                        protocol.send_pong(payload)
-                pongs.clear()
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write, in order; an empty bytes object means half-close (EOF). Once
+        :attr:`hold_pongs` is cleared, the pong held for the latest ping comes last."""
+        if self._pong is not None and not self.hold_pongs:
+            self._send_pong()
         return self._protocol.data_to_send()
 
     def accept(self, extra_headers: dict[str, str] | None = None) -> HttpResponse | None:
