@@ -34,6 +34,7 @@ from backchannel.testing import opening_handshake
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from floods import Server, rss_kib, serve
+from floods import frame as client_frame
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -104,19 +105,6 @@ def _recv_until(sock: socket.socket, buf: bytearray, n: int) -> None:
         chunk = sock.recv(65536)
         assert chunk, "the server ended the connection"
         buf += chunk
-
-
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A masked client frame (zero key, so the payload reads as is)."""
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    return head + bytes(4) + payload
 
 
 def well_behaved_round_trip(port: int) -> bytes:
