@@ -355,6 +355,7 @@ class MessageSettings:
 @dataclass(frozen=True, slots=True)
 class ConnectionSettings:
     send_queue_size: int
+    send_queue_bytes: int
     slow_consumer_timeout: float
 
 

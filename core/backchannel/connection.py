@@ -71,18 +71,30 @@ class Output:
     """A connection's send side: writes frames and enforces the send budget.
 
     While the peer is not reading (``transport.blocked_since`` set), every frame written
-    waits in the transport's queue; past ``connection.send_queue_size`` of them the
-    client is a slow consumer (closed 1013, its session keeps what it missed).
+    waits in the transport's queue; past ``connection.send_queue_size`` of them, or
+    ``connection.send_queue_bytes`` of their bytes, the client is a slow consumer (closed
+    1013, its session keeps what it missed).
     """
 
-    __slots__ = ("_transport", "_limit", "_overflow", "_blocked_at", "_backlog", "open")
+    __slots__ = (
+        "_transport",
+        "_frames",
+        "_bytes",
+        "_overflow",
+        "_blocked_at",
+        "_backlog",
+        "_backlog_bytes",
+        "open",
+    )
 
-    def __init__(self, transport: Transport, limit: int, overflow: Any) -> None:
+    def __init__(self, transport: Transport, frames: int, size: int, overflow: Any) -> None:
         self._transport = transport
-        self._limit = limit
+        self._frames = frames
+        self._bytes = size
         self._overflow = overflow
         self._blocked_at: float | None = None  # the blocked_since we count frames for
         self._backlog = 0  # frames written since then
+        self._backlog_bytes = 0  # and their bytes
         #: False once the transport is gone: frames are kept (by the session), not written
         self.open = True
 
@@ -103,9 +115,10 @@ class Output:
         if blocked is not None:  # the peer is not reading: this frame waits in the queue
             if blocked != self._blocked_at:
                 self._blocked_at = blocked
-                self._backlog = 0
+                self._backlog = self._backlog_bytes = 0
             self._backlog += 1
-            if self._backlog > self._limit:
+            self._backlog_bytes += len(data)
+            if self._backlog > self._frames or self._backlog_bytes > self._bytes:
                 self._overflow()
 
 
@@ -158,7 +171,10 @@ class Connection:
         self.opened_at = time.time()
         self.close_code: int | None = None
         self.state = State.CONNECTING
-        self._output = Output(transport, hub.settings.connection.send_queue_size, self._overflow)
+        limits = hub.settings.connection
+        self._output = Output(
+            transport, limits.send_queue_size, limits.send_queue_bytes, self._overflow
+        )
         # The session gets its principal and its broker log once authenticated.
         self.session = Session(hub, "")
         self.session.attach(self, self._output.write)
