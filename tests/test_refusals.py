@@ -1,0 +1,200 @@
+"""Refused requests over real sockets, against ``backchannel serve --config
+backchannel.production.toml`` (jwt, anonymous connections off, ratelimit on, JSON logs):
+issue 11 items 1 (deep nesting), 2 (no principal, nothing learned) and 6 (the kernel's
+refusal log rate).
+
+Each server is a subprocess on this test's backend; its log is read back line by line
+(one JSON object each) to check that no refusal wrote an ERROR or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jwt
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import ROOT, ServeProcess, WsClient, serve_process, ws_connect
+
+pytestmark = pytest.mark.anyio
+
+PRODUCTION = ROOT / "backchannel.production.toml"
+ORIGIN = "https://chat.example.com"  # the one origin the file lists
+CLI = str(Path(sys.executable).with_name("backchannel"))
+#: every type the production config registers, with content that is otherwise valid
+TYPES: list[tuple[str, dict[str, Any]]] = [
+    ("init", {}),
+    ("text", {"text": "hi"}),
+    ("ping", {}),
+    ("system", {"event": "notice", "message": "hi"}),
+    ("join", {"room": "lobby"}),
+    ("leave", {"room": "lobby"}),
+    ("presence", {"room": "lobby"}),
+    ("auth.refresh", {"token": "x"}),
+]
+
+
+def nested(levels: int) -> str:
+    """``{"a": {"a": ...}}``, ``levels`` deep, as JSON text (300 levels: 1.8 KB)."""
+    return '{"a":' * levels + "{}" + "}" * levels
+
+
+def request(type_: str, content: dict[str, Any], deep: str, id: str = "r") -> str:
+    """A request of ``type_`` whose content is ``content`` plus ``"deep": deep``."""
+    head = json.dumps({"id": id, "type": type_, "content": content})[:-2]  # no "}}"
+    return f'{head}{", " if content else ""}"deep": {deep}}}}}'
+
+
+def environment(backend: str, **settings: str) -> tuple[dict[str, str], str]:
+    """This environment without BACKCHANNEL_* overrides, a fresh JWT secret, the backend
+    and ``settings`` (``BACKCHANNEL_…`` names); and the secret."""
+    secret = secrets.token_urlsafe(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKCHANNEL_")}
+    env |= {"CHAT_JWT_SECRET": secret, "BACKCHANNEL_SERVER__BACKEND": backend, **settings}
+    return env, secret
+
+
+def token_for(secret: str, sub: str) -> str:
+    """A token the production config accepts (what ``backchannel token create`` makes)."""
+    claims = {"sub": sub, "iss": "https://auth.example.com/", "aud": "chat", "permissions": ["*"]}
+    return jwt.encode(claims | {"exp": int(time.time()) + 600}, secret, algorithm="HS256")
+
+
+@asynccontextmanager
+async def production(backend: str, **settings: str) -> AsyncIterator[tuple[ServeProcess, str]]:
+    """``backchannel serve --config backchannel.production.toml`` on a free port."""
+    env, secret = environment(backend, **settings)
+    cmd = [CLI, "serve", "--config", str(PRODUCTION), "--host", "127.0.0.1", "--port", "0"]
+    async with serve_process(cmd, env) as served:
+        yield served, secret
+
+
+def records(served: ServeProcess) -> list[dict[str, Any]]:
+    """Every JSON log line the server wrote so far."""
+    lines = bytes(served.log).decode().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def tracebacks(served: ServeProcess) -> list[str]:
+    """Log lines at ERROR or above, or carrying a traceback, and any non-JSON traceback."""
+    bad = [r["msg"] for r in records(served) if r["level"] in ("ERROR", "CRITICAL") or "exc" in r]
+    return bad + (["Traceback in raw output"] if b"Traceback" in served.log else [])
+
+
+async def refused(
+    client: WsClient, type_: str, content: dict[str, Any], code: str, deep: str | None = None
+) -> dict[str, Any]:
+    """Send a request (its content plus ``deep`` nesting, if given); check its error code."""
+    if deep is None:
+        answer = await client.request(type_, content)
+    else:
+        await client.send_raw(request(type_, content, deep, id="deep"))
+        answer = await client.answer("deep")
+    assert answer["type"] == "error", (type_, answer)
+    assert answer["content"]["code"] == code, (type_, answer["content"])
+    return answer
+
+
+async def test_without_a_token_every_request_but_init_is_unauthorized(anyio_backend: str) -> None:
+    """Item 2: a connection without a principal learns nothing about the server's types or
+    schemas: invalid content, an unknown type and 300 levels of nesting, for every type,
+    are all ``unauthorized``, and none of it is logged as an error."""
+    deep = nested(300)
+    async with production(anyio_backend) as (served, secret):
+        async with ws_connect(served.port, origin=ORIGIN) as client:
+            await refused(client, "no.such.type", {}, "unauthorized")
+            await refused(client, "text", {"bogus": 1}, "unauthorized")
+            for type_, content in TYPES[1:]:
+                await refused(client, type_, content, "unauthorized")
+                await refused(client, type_, content, "unauthorized", deep)
+            # init is the one type it may send: its content is checked like anyone's
+            answer = await refused(client, "init", {}, "validation_failed", deep)
+            assert answer["content"]["details"][0]["path"] == "content"
+            welcome = await client.request("init", {"token": token_for(secret, "alice")})
+            assert welcome["content"]["principal"] == "alice"
+            await refused(client, "no.such.type", {}, "unknown_type")
+            await refused(client, "text", {"bogus": 1}, "validation_failed")
+        assert tracebacks(served) == []
+
+
+async def test_deep_nesting_is_validation_failed_without_a_traceback(anyio_backend: str) -> None:
+    """Item 1: with a token, content nested 256+ levels deep is ``validation_failed`` for
+    every type (one violation of the whole, not a ``handler_error``), logs no traceback,
+    and costs what any refusal costs: the abuse rule closes the connection (1008) after
+    its 101st refusal, and another client is served all along."""
+    async with production(anyio_backend) as (served, secret):
+        headers = {"Authorization": f"Bearer {token_for(secret, 'alice')}"}
+        async with ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as client:
+            for levels in (256, 300, 1000):
+                for type_, content in TYPES:
+                    deep = nested(levels)
+                    answer = await refused(client, type_, content, "validation_failed", deep)
+                    assert answer["content"]["details"] == [
+                        {"path": "content", "rule": "invalid, and nested too deeply to say where"}
+                    ]
+        headers = {"Authorization": f"Bearer {token_for(secret, 'bob')}"}
+        async with (
+            ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as flood,
+            ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as other,
+        ):
+            answers = 0
+            for n in range(1000):
+                await flood.send_raw(request("text", {"text": "hi"}, nested(600), id=f"x{n}"))
+
+            async def count() -> None:
+                nonlocal answers
+                while True:
+                    frame = await flood.recv(10)
+                    assert frame["content"]["code"] == "validation_failed"
+                    answers += 1
+
+            with pytest.raises(ConnectionClosed):
+                await count()
+            assert await flood.closed() == 1008 and answers == 101
+            assert (await other.request("text", {"text": "still here"}))["type"] == "text"
+        assert tracebacks(served) == []
+
+
+async def test_ten_thousand_refusals_log_a_few_lines_and_a_summary(anyio_backend: str) -> None:
+    """Item 6 (the kernel's part): 10,000 refused requests from one connection (abuse
+    closing off, so all are answered) log at most ``REFUSALS_LOGGED`` (5) lines per
+    ``REFUSAL_INTERVAL`` (10 s), then one summary line counting the rest."""
+    sent = 10_000
+    settings = {"BACKCHANNEL_PLUGINS__RATELIMIT__ABUSE_REJECTIONS": "false"}
+    async with production(anyio_backend, **settings) as (served, _):
+        began = time.monotonic()
+        async with ws_connect(served.port, origin=ORIGIN) as client:
+            payload = json.dumps({"id": "x", "type": "text", "content": {"text": "hi"}})
+
+            async def flood() -> None:
+                for _ in range(sent):
+                    await client.send_raw(payload)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flood)
+                for _ in range(sent):
+                    frame = await client.recv(30)
+                    assert frame["content"]["code"] == "unauthorized"
+        elapsed = time.monotonic() - began
+        with anyio.fail_after(10):  # the summary is written when the connection is gone
+            while not any("more refusals" in r["msg"] for r in records(served)):
+                await anyio.sleep(0.05)
+        lines = [r for r in records(served) if r["msg"].startswith("error unauthorized")]
+        summaries = [r for r in records(served) if "more refusals from conn=" in r["msg"]]
+        intervals = int(elapsed // 10) + 1
+        assert 5 <= len(lines) <= 5 * intervals, (len(lines), elapsed)
+        assert 1 <= len(summaries) <= intervals
+        assert len(lines) + sum(r["suppressed"] for r in summaries) == sent
+        assert {r["connection_id"] for r in lines + summaries} == {lines[0]["connection_id"]}
+        assert tracebacks(served) == []
+        print(f"\n{sent} refusals in {elapsed:.1f} s: {len(lines) + len(summaries)} log lines")
