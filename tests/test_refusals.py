@@ -15,7 +15,7 @@ import secrets
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +98,30 @@ async def refused(
     if deep is None:
         answer = await client.request(type_, content)
     else:
-        await client.send_raw(request(type_, content, deep, id="deep"))
-        answer = await client.answer("deep")
+        ident = f"deep-{len(client.frames)}"  # a new id each time: not a retry
+        await client.send_raw(request(type_, content, deep, id=ident))
+        answer = await client.answer(ident)
     assert answer["type"] == "error", (type_, answer)
     assert answer["content"]["code"] == code, (type_, answer["content"])
     return answer
+
+
+async def flood_until_closed(client: WsClient, payloads: list[str]) -> list[dict[str, Any]]:
+    """Send ``payloads`` while reading the answers, until the server closes the connection;
+    the frames it sent."""
+    frames: list[dict[str, Any]] = []
+
+    async def send() -> None:
+        with suppress(ConnectionClosed):  # closed before all were sent
+            for payload in payloads:
+                await client.send_raw(payload)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send)
+        with suppress(ConnectionClosed):
+            while True:
+                frames.append(await client.recv(10))
+    return frames
 
 
 async def test_without_a_token_every_request_but_init_is_unauthorized(anyio_backend: str) -> None:
@@ -131,7 +150,8 @@ async def test_deep_nesting_is_validation_failed_without_a_traceback(anyio_backe
     """Item 1: with a token, content nested 256+ levels deep is ``validation_failed`` for
     every type (one violation of the whole, not a ``handler_error``), logs no traceback,
     and costs what any refusal costs: the abuse rule closes the connection (1008) after
-    its 101st refusal, and another client is served all along."""
+    its 101st refusal (the abuse budget refills at 10/s meanwhile), and another client is
+    served all along."""
     async with production(anyio_backend) as (served, secret):
         headers = {"Authorization": f"Bearer {token_for(secret, 'alice')}"}
         async with ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as client:
@@ -147,20 +167,11 @@ async def test_deep_nesting_is_validation_failed_without_a_traceback(anyio_backe
             ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as flood,
             ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as other,
         ):
-            answers = 0
-            for n in range(1000):
-                await flood.send_raw(request("text", {"text": "hi"}, nested(600), id=f"x{n}"))
-
-            async def count() -> None:
-                nonlocal answers
-                while True:
-                    frame = await flood.recv(10)
-                    assert frame["content"]["code"] == "validation_failed"
-                    answers += 1
-
-            with pytest.raises(ConnectionClosed):
-                await count()
-            assert await flood.closed() == 1008 and answers == 101
+            payloads = [request("text", {"text": "hi"}, nested(600), f"x{n}") for n in range(1000)]
+            frames = await flood_until_closed(flood, payloads)
+            assert {f["content"]["code"] for f in frames} == {"validation_failed"}
+            # 100 refusals allowed in 10 s, then the 101st closes (plus one per 0.1 s taken)
+            assert await flood.closed() == 1008 and 101 <= len(frames) <= 120
             assert (await other.request("text", {"text": "still here"}))["type"] == "text"
         assert tracebacks(served) == []
 
@@ -198,3 +209,29 @@ async def test_ten_thousand_refusals_log_a_few_lines_and_a_summary(anyio_backend
         assert {r["connection_id"] for r in lines + summaries} == {lines[0]["connection_id"]}
         assert tracebacks(served) == []
         print(f"\n{sent} refusals in {elapsed:.1f} s: {len(lines) + len(summaries)} log lines")
+
+
+async def test_a_thousand_retries_of_one_id_are_rate_limited_then_cut_off(
+    anyio_backend: str,
+) -> None:
+    """Item 4 (found by review): re-sending an answered id 1,000 times is not 1,000 free
+    answers. A replayed answer passes the rate limiter (the connection's burst of 50, then
+    ``rate_limited``); a replayed refusal counts toward the abuse rule like the first:
+    either way the connection is closed 1008 after its 101st refusal."""
+    async with production(anyio_backend) as (served, secret):
+        headers = {"Authorization": f"Bearer {token_for(secret, 'alice')}"}
+        for content, first in [({"text": "hi"}, None), ({"bogus": 1}, "validation_failed")]:
+            async with ws_connect(served.port, origin=ORIGIN, additional_headers=headers) as c:
+                payload = json.dumps({"id": "same", "type": "text", "content": content})
+                frames = await flood_until_closed(c, [payload] * 1000)
+                assert {f["replyTo"] for f in frames} == {"same"}
+                codes = [f["content"].get("code") for f in frames]
+                assert await c.closed() == 1008
+                assert 101 <= len(codes) - codes.count(None) <= 120
+                if first is None:  # answered, replayed while the bucket had tokens, refused
+                    replayed = codes.index("rate_limited")
+                    assert 50 <= replayed <= 60 and set(codes[:replayed]) == {None}
+                    assert set(codes[replayed:]) <= {None, "rate_limited"}
+                else:  # the same refusal each time, each counted
+                    assert set(codes) == {first}
+        assert tracebacks(served) == []

@@ -22,13 +22,13 @@ import orjson
 from .contracts import decode, violations
 from .errors import BackchannelError, CloseCode, ErrorCode
 from .model import Message
+from .pipeline import Rest, TypeEntry
 from .runtime import Interrupt, Interruptible, Runtime
 from .session import Session, answer_again
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .hub import Hub
-    from .pipeline import Rest
 
 __all__ = ["Inbox", "Job"]
 
@@ -143,13 +143,14 @@ class Inbox:
         pending = conn.session.pending
         if message.id in pending:  # a retry of a request still queued or running: attach
             hub.counters.retries += 1
-            log.info(
-                "retry attached conn=%s session=%s msg=%s",
-                conn.id,
-                conn.session.id,
-                message.id,
-                extra={"connection_id": conn.id, "message_id": message.id},
-            )
+            if conn._may_log_refusal():  # a client's repeats: within its log budget
+                log.info(
+                    "retry attached conn=%s session=%s msg=%s",
+                    conn.id,
+                    conn.session.id,
+                    message.id,
+                    extra={"connection_id": conn.id, "message_id": message.id},
+                )
             return
         if len(self._queue) >= pipeline.max_queued:
             conn.send_error(
@@ -286,15 +287,14 @@ class Inbox:
     def _start(
         self, message: Message, answered: tuple[bytes, int] | None
     ) -> tuple[Job, Rest] | None:
-        """Answer a retry again, or run the request as far as it goes without waiting;
-        the Job and what is left to await, if anything."""
+        """Start a retry's answer again, or run the request as far as it goes without
+        waiting; the Job and what is left to await, if anything."""
         conn = self._conn
         session = conn.session
         pending = session.pending
         if answered is not None:
-            pending.pop(message.id, None)
-            answer_again(self._hub, conn, message, answered)
-            return None
+            pending.pop(message.id, None)  # the answer is the original's: nothing to remember
+            return self._replay(message, answered)
         rest = self._hub.pipeline.start(conn, message)
         if rest is None:  # answered: a sync handler never needs a Job
             pending.pop(message.id, None)
@@ -303,6 +303,48 @@ class Inbox:
         pending[message.id] = job
         self._hub.running.add(job)
         return job, rest
+
+    def _replay(self, message: Message, answered: tuple[bytes, int]) -> tuple[Job, Rest] | None:
+        """A retry of an answered request gets its original answer again (:func:`answer_again`),
+        checked as any request is (DESIGN §5: the idempotency check comes last):
+
+        * an original error answer is sent again as a refusal (``send_error``: counted,
+          logged within the budget, seen by ``error`` observers, so abuse rules count it);
+        * a retry with other content than the original's (another digest) must pass the
+          type's content schema, or is answered ``validation_failed``;
+        * then the ``validate`` hooks (the rate limiter), which may refuse it; a hook that
+          awaits leaves a Job for the connection's task, as any request's does.
+
+        Nothing a retry is answered is remembered: the original answer stays the answer.
+        """
+        conn = self._conn
+        hub = self._hub
+        pipeline = hub.pipeline
+        registered = pipeline.types.get(message.type)
+        try:
+            reply = answer_again(hub, conn, message, answered)
+            validator = None if registered is None else registered.validator
+            if (
+                message.digest != answered[1]
+                and validator is not None
+                and not validator.is_valid(message.content)
+            ):
+                details = violations(validator, message.content, "content")
+                text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
+                raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
+            validate = pipeline._validate
+            pending = None if validate is None else validate(message, conn)
+            if pending is None:
+                conn.session.send(reply.type, reply.content, message.id)
+                return None
+        except Exception as exc:
+            pipeline._fail(conn, message, exc)
+            return None
+        timeout = pipeline.timeout if registered is None else registered.timeout
+        entry = TypeEntry(message.type, "backchannel", lambda *_: reply, None, None, timeout, None)
+        job = Job(message, conn.session, self._runtime)
+        hub.running.add(job)
+        return job, Rest(entry, pending, True)
 
     async def _finish(self, job: Job, rest: Rest) -> None:
         try:
