@@ -183,7 +183,9 @@ async def resume(
 
     Frames with ``seq > last_seq`` are written now, in order, before any new frame.
     Returns ``{"resumed": True, "missed": N}``, or ``{"resumed": False, "reason": ...}``
-    when the gap cannot be filled (the connection keeps its new session). Raises
+    when the gap cannot be filled (the connection keeps its new session): the session is
+    unknown (``unknown_session``) or was evicted for memory (``evicted``), or its outbox
+    no longer holds ``last_seq + 1`` (``trimmed``) or never had it (``ahead``). Raises
     ``forbidden`` for another principal's session, ``unauthorized`` for a connection
     without a principal.
     """
@@ -196,6 +198,9 @@ async def resume(
         raise BackchannelError(ErrorCode.UNAUTHORIZED, "authenticate before resuming a session")
     record = await broker.find_session(session_id)
     if record is None:
+        if broker.evicted_session(session_id):  # it existed: its retries may come here
+            fresh.origin = session_id
+            return {"resumed": False, "reason": "evicted"}
         return {"resumed": False, "reason": "unknown_session"}
     if record.principal_id != principal.id and not (
         # An anonymous session is a bearer token: its unguessable id is the
