@@ -156,7 +156,8 @@ class _SessionLog:
     (``session.outbox_max_bytes`` and ``session.dedupe_size`` per session, at
     ``ANSWER_COST`` per answer; ``session.total_max_bytes`` for the process) and emptied
     while the session is detached (a resume fills it again from Redis). What it lets go
-    of is still in Redis: a ``cold`` log asks Redis when its cache misses.
+    of is still in Redis: a ``cold`` log asks Redis when its cache misses, until it has
+    remembered ``dedupe_size`` answers since (Redis keeps no more than those).
     """
 
     __slots__ = ("broker", "id", "answers", "size", "cold", "__weakref__")
@@ -168,8 +169,8 @@ class _SessionLog:
         self.answers: dict[str, int] = {}
         #: bytes the cached answers cost
         self.size = 0
-        #: the cache let go of answers Redis may still hold
-        self.cold = False
+        #: answers still to remember before the cache holds all Redis does (0: it does)
+        self.cold = 0
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
         # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
@@ -186,11 +187,13 @@ class _SessionLog:
         before = self.size
         if request_id not in answers:
             self.size += len(request_id) + ANSWER_COST
+            if self.cold:
+                self.cold -= 1
         answers[request_id] = answered_ms << 64 | (seq & _U32) << 32 | digest & _U32
         while len(answers) > broker.dedupe_size:  # Redis lets go of these too
             self._drop_oldest()
         while self.size > broker.outbox_max_bytes and answers:
-            self.cold = True
+            self.cold = broker.dedupe_size
             self._drop_oldest()
         broker._cached(self, self.size - before)
 
@@ -204,7 +207,7 @@ class _SessionLog:
         if not self.answers:
             return False
         before = self.size
-        self.cold = True
+        self.cold = self.broker.dedupe_size
         self._drop_oldest()
         self.broker._cached(self, self.size - before)
         return True
@@ -212,7 +215,7 @@ class _SessionLog:
     def clear(self) -> None:
         """Let go of every cached answer (the session is detached: nobody asks)."""
         if self.answers:
-            self.cold = True
+            self.cold = self.broker.dedupe_size
             self.answers.clear()
             self.broker._cached(self, -self.size)
             self.size = 0
@@ -220,7 +223,7 @@ class _SessionLog:
     def fill(self, answers: dict[bytes, bytes]) -> None:
         """Cache the answer records read from Redis (``ms:seq:digest`` by request id)."""
         self.clear()
-        self.cold = False
+        self.cold = 0
         records: list[tuple[int, str, int, int]] = []
         for key, value in answers.items():
             answered, seq, digest = _text(value).split(":")

@@ -73,6 +73,11 @@ async def test_a_detached_session_caches_nothing_and_a_resume_reads_its_answers_
         assert broker.used == SESSION_COST + log.size
         assert await recall(log, "r10-----") == (b"answer 10", 10)
         assert broker.counters.get("cold_recalls") is None  # from the cache
+        broker.detach_session("s-away", 10, ttl=60)
+        assert log.cold == 32  # (answers finishing while it is away are cached again)
+        for n in range(11, 11 + 32):  # once it remembered 32 more, Redis holds no other
+            log.remember(f"r{n}".ljust(8, "-"), n, n)
+        assert not log.cold and len(log.answers) == 32
 
 
 async def test_past_the_total_it_lets_go_of_detached_sessions_which_stay_in_redis() -> None:
