@@ -232,7 +232,7 @@ class _SessionLog:
             self._keep(record[1], record[0], record[2], record[3])
 
     def remember(self, request_id: str, seq: int, digest: int) -> None:
-        now = int(time.time() * 1000)
+        now = math.ceil(time.time() * 1000)  # (rounded up: never out of the window early)
         self._keep(request_id, now, seq, digest)
         self.broker._write(self.id, _REMEMBER, request_id, f"{now}:{seq}:{digest}".encode())
 
