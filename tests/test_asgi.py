@@ -248,6 +248,7 @@ async def test_without_its_lifespan_it_answers_503_and_says_why(
     assert any("not started" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.server_fault
 async def test_a_failing_start_up_fails_the_lifespan_and_uvicorn_does_not_serve(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

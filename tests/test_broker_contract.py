@@ -410,6 +410,7 @@ async def test_listeners_get_every_message_once_in_offset_order(broker: Broker) 
     assert sorted(returned, key=lambda m: m["offset"]) == one.got == two.got
 
 
+@pytest.mark.server_fault
 async def test_a_failing_listener_does_not_stop_the_others(broker: Broker) -> None:
     def broken(message: dict[str, Any]) -> None:
         raise RuntimeError("listener bug")

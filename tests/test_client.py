@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from backchannel import BackchannelError, ErrorCode
+from backchannel import BackchannelError, ErrorCode, hookimpl
 from backchannel.broker import SESSION_COST
 from backchannel.client import (
     Backoff,
@@ -36,6 +36,7 @@ from backchannel.client import (
     connect,
 )
 from backchannel.http import HttpRequest
+from backchannel.memory import MemoryBroker
 from backchannel.websocket import Wire
 from conftest import make_app, serving
 
@@ -725,15 +726,17 @@ class Scripted:
 
 @asynccontextmanager
 async def peer_client(
-    session: str = "s-1", seq: int = 1, **options: Any
+    session: str = "s-1", seq: int = 1, epoch: str | None = None, **options: Any
 ) -> AsyncIterator[Scripted]:
-    """Connect to a scripted peer, which answers the first ``init`` meanwhile."""
+    """Connect to a scripted peer, which answers the first ``init`` meanwhile (with
+    ``epoch`` when given)."""
     options = {"heartbeat": None, "backoff": FAST, **options}
     first: list[Any] = []
+    extra = {} if epoch is None else {"epoch": epoch}
 
     async def answer_first(peer: Peer) -> None:
         conn = await peer.accept()
-        first.extend([conn, await conn.answer_init(seq, session=session)])
+        first.extend([conn, await conn.answer_init(seq, session=session, **extra)])
 
     async with scripted_peer() as peer, anyio.create_task_group() as tg:
         tg.start_soon(answer_first, peer)
@@ -825,6 +828,148 @@ async def test_forbidden_resume_falls_back_to_a_new_session() -> None:
         info = await states.wait(State.RESYNCED)
         assert (info["previous"], info["reason"]) == ("s-a", "forbidden")
         assert (s.client.session_id, s.client.last_seq) == ("s-b", 2)
+
+
+NOT_NOW = ["overloaded", "shutting_down", "rate_limited"]
+
+
+@pytest.mark.parametrize("code", NOT_NOW)
+async def test_init_answered_not_now_before_the_first_connection_is_retried(code: str) -> None:
+    """An init answered overloaded / shutting_down / rate_limited is no refusal: the client
+    drops that connection and comes back after at least ``retryAfter``, then connects."""
+    states = States()
+    async with scripted_peer() as peer, anyio.create_task_group() as tg:
+        connected: list[Client] = []
+        entered, done = anyio.Event(), anyio.Event()
+
+        async def use() -> None:
+            async with connect(url(peer.port), on_state=states, heartbeat=None, backoff=FAST) as c:
+                connected.append(c)
+                entered.set()
+                await done.wait()
+
+        tg.start_soon(use)
+        one = await peer.accept()
+        init = await one.recv()
+        refusal = {"code": code, "message": "not now", "retryAfter": 0.3}
+        await one.send("error", refusal, 1, init["id"])
+        tg.start_soon(one.finish)  # the client closes this connection: answer its close
+        info = await states.wait(State.RECONNECTING)
+        assert info["delay"] >= 0.3 and info["code"] == 1000
+        assert info["reason"] == f"init answered {code}: not now"
+        two = await peer.accept()
+        again = await two.answer_init(1, session="s-1", epoch="e1")
+        assert "sessionId" not in again["content"]
+        with anyio.fail_after(5):
+            await entered.wait()
+        assert [s for s, _ in states.log] == [
+            State.CONNECTING,
+            State.RECONNECTING,
+            State.CONNECTED,
+        ]
+        assert connected[0].session_id == "s-1" and connected[0].epoch == "e1"
+        done.set()
+        for conn in peer.all:
+            tg.start_soon(conn.finish)
+
+
+async def test_init_answered_not_now_gives_up_after_max_attempts() -> None:
+    """Retrying a busy server is bounded by ``max_attempts`` like any reconnect."""
+    backoff = Backoff(initial=0.01, maximum=0.02, max_attempts=2)
+    async with scripted_peer() as peer, anyio.create_task_group() as tg:
+
+        async def busy() -> None:
+            for _ in range(3):
+                conn = await peer.accept()
+                init = await conn.recv()
+                await conn.send("error", {"code": "overloaded", "message": "x"}, 1, init["id"])
+                tg.start_soon(conn.finish)
+
+        tg.start_soon(busy)
+        with pytest.raises(ConnectError, match="gave up after 2 reconnect attempts"):
+            async with connect(url(peer.port), heartbeat=None, backoff=backoff):
+                pass
+
+
+@pytest.mark.parametrize("code", NOT_NOW)
+async def test_init_answered_not_now_while_resuming_keeps_the_session(code: str) -> None:
+    states = States()
+    async with (
+        peer_client("s-1", 3, epoch="e1", on_state=states) as s,
+        anyio.create_task_group() as tg,
+    ):
+        await s.conn.drop()
+        two = await s.peer.accept()
+        init = await two.recv()
+        resume = {"sessionId": "s-1", "lastSeq": 3, "epoch": "e1"}
+        assert {k: init["content"].get(k) for k in resume} == resume
+        await two.send("error", {"code": code, "message": "not now"}, 1, init["id"])
+        tg.start_soon(two.finish)
+        three = await s.peer.accept()
+        init = await three.recv()
+        assert {k: init["content"].get(k) for k in resume} == resume  # kept, not started anew
+        answer = {"sessionId": "s-1", "resumed": True, "missed": 0, "epoch": "e1"}
+        await three.send("init", answer, 4, init["id"])
+        assert await states.wait(State.RESUMED) == {"sessionId": "s-1", "missed": 0}
+        assert (s.client.session_id, s.client.last_seq) == ("s-1", 4)
+
+
+async def test_resume_sends_the_epoch_and_epoch_changed_resyncs() -> None:
+    """``init`` carries the epoch of the last answer; a server whose broker lost the session's
+    epoch answers ``epoch_changed``, and the next resume carries the new epoch."""
+    states = States()
+    async with peer_client("s-1", 2, epoch="e1", on_state=states) as s:
+        await s.conn.drop()
+        two = await s.peer.accept()
+        init = await two.recv()
+        assert init["content"]["epoch"] == "e1"
+        answer = {"sessionId": "s-2", "resumed": False, "missed": 0, "epoch": "e2"}
+        await two.send("init", {**answer, "reason": "epoch_changed"}, 1, init["id"])
+        info = await states.wait(State.RESYNCED)
+        assert (info["previous"], info["reason"]) == ("s-1", "epoch_changed")
+        await two.drop()
+        three = await s.peer.accept()
+        init = await three.recv()
+        assert (init["content"]["sessionId"], init["content"]["epoch"]) == ("s-2", "e2")
+        await three.send("init", {**answer, "resumed": True}, 2, init["id"])
+        await states.wait(State.RESUMED)
+
+
+class AwayBroker(MemoryBroker):
+    """The in-memory broker, not ready until told (as a Redis broker while Redis is away)."""
+
+    up = False
+
+    @property
+    def ready(self) -> bool:
+        return self.up
+
+
+class Away:
+    @hookimpl
+    def broker(self, app: Any) -> AwayBroker:
+        return AwayBroker()
+
+
+async def test_client_waits_out_a_server_whose_broker_is_away() -> None:
+    """Against the real server: init is answered overloaded while the broker is not ready;
+    the client retries with backoff and connects once it is."""
+    app = make_app(plugins=["init", "text", Away()])
+    states = States()
+    async with serving(app), anyio.create_task_group() as tg:
+        answers: list[dict[str, Any]] = []
+
+        async def use() -> None:
+            async with connect(url(app.port), on_state=states, backoff=FAST) as client:
+                answers.append(await client.request("text", {"text": "hi"}))
+
+        tg.start_soon(use)
+        info = await states.wait(State.RECONNECTING, count=2)
+        assert info["reason"].startswith("init answered overloaded: ")
+        assert isinstance(app.broker, AwayBroker)
+        app.broker.up = True
+        await states.wait(State.CONNECTED)
+    assert answers == [{"text": "hi", "from": answers[0]["from"]}]
 
 
 async def test_subscribe_dedupes_by_offset_rejoins_with_since_and_flags_gaps() -> None:

@@ -43,10 +43,14 @@ def write(tmp_path: Path, text: str, name: str = "bc.toml") -> Path:
 
 
 def problems(excinfo: pytest.ExceptionInfo[StartupError]) -> list[str]:
-    """The lines of a config error after its ``invalid config:`` heading."""
-    lines = str(excinfo.value).splitlines()
-    assert lines[0] == "invalid config:"
-    return [line.strip() for line in lines[1:]]
+    """The problems of a config error: one on the ``invalid config:`` line itself, several
+    on the lines under it."""
+    first, *rest = str(excinfo.value).splitlines()
+    if not rest:
+        assert first.startswith("invalid config: ")
+        return [first.removeprefix("invalid config: ")]
+    assert first == "invalid config:" and len(rest) > 1
+    return [line.strip() for line in rest]
 
 
 def schema_defaults(schema: dict[str, Any]) -> dict[str, Any]:
@@ -108,7 +112,9 @@ def test_environment_value_is_checked_like_a_file_value() -> None:
     """A bad value from the environment fails with its dotted key."""
     with pytest.raises(StartupError) as excinfo:
         config_mod.load(None, environ={"BACKCHANNEL_SERVER__PORT": "high"})
-    assert problems(excinfo) == ["server.port: must be of type integer"]
+    assert problems(excinfo) == [
+        "server.port (from BACKCHANNEL_SERVER__PORT): must be of type integer"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -161,8 +167,9 @@ def test_unknown_key_names_its_dotted_path_and_the_allowed_keys(tmp_path: Path) 
     assert sorted(problems(excinfo)) == [
         "bogus: unknown key (allowed: auth, connection, heartbeat, hooks, log, message, plugins, "
         "server, session, shutdown)",
-        "server.prot: unknown key (allowed: backend, compression, demo, handshake_timeout, host, "
-        "max_connections, max_message_size, origins, path, port, uvloop, workers)",
+        "server.prot: unknown key, did you mean 'port'? (allowed: backend, compression, demo, "
+        "handshake_timeout, host, max_connections, max_message_size, origins, path, port, "
+        "uvloop, workers)",
     ]
 
 
@@ -213,8 +220,8 @@ def test_unknown_plugin_key_lists_the_plugin_keys() -> None:
     with pytest.raises(StartupError) as excinfo:
         App({"plugins": {"validation": {"max_len": 5}}}, plugins=["validation"])
     assert problems(excinfo) == [
-        "plugins.validation.max_len: unknown key (allowed: allowed_types, max_bytes, max_depth, "
-        "max_string_length, sanitize, schemas)"
+        "plugins.validation.max_len: unknown key, did you mean 'max_depth'? (allowed: "
+        "allowed_types, max_bytes, max_depth, max_string_length, sanitize, schemas)"
     ]
 
 
@@ -236,6 +243,114 @@ def test_settings_for_a_plugin_without_settings_fail() -> None:
     with pytest.raises(StartupError) as excinfo:
         App({"plugins": {"text": {"echo": False}}}, plugins=["text"])
     assert problems(excinfo) == ["plugins.text.echo: plugin 'text' takes no settings"]
+
+
+# ---------------------------------------------------------------- the environment
+
+
+def test_a_list_from_the_environment_must_be_json() -> None:
+    """``BACKCHANNEL_PLUGINS__ENABLED='init,text'`` names the variable and shows the JSON form."""
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.load(None, environ={"BACKCHANNEL_PLUGINS__ENABLED": "init,text"})
+    assert problems(excinfo) == [
+        "plugins.enabled (from BACKCHANNEL_PLUGINS__ENABLED): must be of type array; the "
+        "environment gives lists and tables as JSON: BACKCHANNEL_PLUGINS__ENABLED="
+        """'["init", "text", "ping", "system", "validation", "rooms"]'"""
+    ]
+
+
+def kernel_variables() -> list[str]:
+    """The variable of every key of the kernel's schema (``BACKCHANNEL_SERVER__PORT``, ...)
+    but ``BACKCHANNEL_LOG__LEVEL``, whose one-underscore form is a variable of its own."""
+    names = [
+        config_mod.env_name((section, key))
+        for section, sub in SCHEMA["properties"].items()
+        for key in sub.get("properties", {})
+    ]
+    assert "BACKCHANNEL_LOG_LEVEL" in config_mod.OTHER_VARIABLES
+    return [name for name in names if name != "BACKCHANNEL_LOG__LEVEL"]
+
+
+@pytest.mark.parametrize("variable", kernel_variables())
+def test_a_variable_with_one_underscore_between_levels_names_the_right_one(variable: str) -> None:
+    """Every setting's variable written with ``_`` instead of ``__`` is refused, naming it."""
+    near = variable.replace("__", "_")
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.load(None, environ={near: "1"})
+    assert problems(excinfo) == [
+        f"{near} is not a setting; did you mean {variable}? (levels are separated by __)"
+    ]
+
+
+def test_a_plugin_variable_near_miss_names_the_right_one() -> None:
+    """Inside a plugin's settings too: ``..._MAX__DEPTH`` is ``..._MAX_DEPTH``."""
+    environ = {"BACKCHANNEL_PLUGINS__VALIDATION__MAX__DEPTH": "3"}
+    with pytest.raises(StartupError) as excinfo:
+        App(None, plugins=["validation"], environ=environ)
+    assert problems(excinfo) == [
+        "BACKCHANNEL_PLUGINS__VALIDATION__MAX__DEPTH is not a setting; did you mean "
+        "BACKCHANNEL_PLUGINS__VALIDATION__MAX_DEPTH? (levels are separated by __)"
+    ]
+
+
+def test_variables_that_are_no_near_miss_are_left_alone() -> None:
+    """``BACKCHANNEL_LOG_LEVEL`` (read by the logging set-up) and a program's own
+    ``BACKCHANNEL_TOKEN`` are no settings and no mistakes."""
+    environ = {"BACKCHANNEL_LOG_LEVEL": "debug", "BACKCHANNEL_TOKEN": "t", "BACKCHANNEL_X": "1"}
+    assert config_mod.load(None, environ=environ)["server"]["port"] == 8765
+
+
+def test_an_unknown_key_from_the_environment_names_the_variable() -> None:
+    """A variable far from every setting is reported as the unknown key it makes."""
+    with pytest.raises(StartupError) as excinfo:
+        config_mod.load(None, environ={"BACKCHANNEL_QUEUE__SIZE": "1"})
+    [problem] = problems(excinfo)
+    assert problem.startswith("queue (from BACKCHANNEL_QUEUE__SIZE): unknown key (allowed: auth,")
+
+
+# ---------------------------------------------------------------- plugin names
+
+
+def test_an_unknown_enabled_plugin_suggests_the_closest_installed_one() -> None:
+    with pytest.raises(StartupError, match=r"plugin 'txt' is enabled .*; did you mean 'text'\?"):
+        App({"plugins": {"enabled": ["init", "txt"]}})
+
+
+@pytest.mark.anyio
+async def test_a_table_for_no_plugin_fails_start_up_with_a_suggestion() -> None:
+    """``[plugins.validaton]`` would be ignored silently: start-up refuses it."""
+    from backchannel.testing import serve_in_memory
+
+    app = App({"plugins": {"validaton": {"max_depth": 3}}}, plugins=["validation"])
+    with pytest.raises(StartupError) as excinfo:
+        async with serve_in_memory(app):
+            pass
+    [problem] = problems(excinfo)
+    assert problem.startswith(
+        "plugins.validaton: settings for a plugin that is neither enabled nor installed; "
+        "did you mean 'validation'? (installed: "
+    )
+
+
+@pytest.mark.anyio
+async def test_tables_of_installed_and_in_process_plugins_are_accepted() -> None:
+    """A table for an installed plugin not enabled (``redis``), or for a plugin object given
+    to the App after it was made, is no mistake."""
+    from backchannel import hookimpl
+    from backchannel.testing import serve_in_memory
+
+    class Weather:
+        name = "weather"
+
+        @hookimpl
+        def config_schema(self) -> dict[str, Any]:
+            return {"type": "object", "properties": {"city": {"type": "string"}}}
+
+    config = {"plugins": {"redis": {"key_prefix": "x"}, "weather": {"city": "Oslo"}}}
+    app = App(config, plugins=["text"])
+    app.use(Weather())
+    async with serve_in_memory(app):
+        assert app.plugin_config("weather") == {"city": "Oslo"}
 
 
 # ---------------------------------------------------------------- backchannel check
@@ -272,12 +387,12 @@ def test_check_without_a_file_checks_the_defaults(capsys: pytest.CaptureFixture[
 def test_check_rejects_a_bad_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
 ) -> None:
-    """``backchannel check FILE`` exits 1 and says what is wrong on stderr."""
+    """``backchannel check FILE`` exits 1 and says what is wrong on stderr, in one line."""
     path = write(tmp_path, text)
     assert cli.main(["check", str(path)]) == 1
     out, err = capsys.readouterr()
     assert out == ""
-    assert err.startswith(f"{path}: ") and message in err
+    assert err.startswith("backchannel: ") and message in err and err.count("\n") == 1
 
 
 def test_check_of_a_missing_file_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,12 @@
-"""CONTRIBUTING.md's example plugin and its test run as written (docs stay true)."""
+"""CONTRIBUTING.md's example plugin and its test run as written (docs stay true), here and
+in a fresh project (no conftest, no pytest configuration) as a plugin author has it."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,3 +43,20 @@ async def test_contributing_example_denies_without_permission() -> None:
         assert plugin.rolls == 0
         unlucky = await client.request("roll", {"sides": 13})
         assert unlucky["content"]["code"] == "forbidden"
+
+
+def test_contributing_test_passes_in_a_fresh_project(tmp_path: Path) -> None:
+    """The plugin and its test as printed, in one file of an empty directory: pytest runs
+    the async test (anyio marker) without this repository's conftest or configuration."""
+    plugin_code, test_code = _blocks()[:2]
+    (tmp_path / "test_dice.py").write_text(plugin_code + "\n\n" + test_code)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:randomly", "test_dice.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"=+ \d+ passed in .* =+", summary), done.stdout

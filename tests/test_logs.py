@@ -57,6 +57,7 @@ class Crashes:
 # ------------------------------------------------------------------ formats
 
 
+@pytest.mark.server_fault
 @pytest.mark.anyio
 async def test_json_lines_carry_connection_session_and_message_ids(restore_logging: None) -> None:
     out = io.StringIO()

@@ -141,10 +141,16 @@ def test_every_distribution_declares_what_an_index_shows(directory: Path) -> Non
 
 
 def test_the_kernel_has_one_version_and_the_plugins_follow_it() -> None:
-    """core/pyproject.toml's version is what Python, /healthz and the JS client report; each
-    standard plugin has that version and requires the kernel's minor series."""
+    """core/pyproject.toml's version is what Python (read from the installed metadata, never
+    written in a .py file), /healthz and the JS client report; each standard plugin has that
+    version and requires the kernel's minor series."""
     kernel = KERNEL["version"]
+    # the installed metadata (uv sync after a bump) is what the package reports ...
     assert version("backchannel") == backchannel.__version__ == kernel
+    # ... because no Python file of the kernel or a plugin writes a version of its own
+    written = re.compile(r"^\s*__version__\s*=\s*[\"']", re.MULTILINE)
+    sources = [*(ROOT / "core").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]
+    assert [p.relative_to(ROOT) for p in sources if written.search(p.read_text())] == []
     js = (ROOT / "clients" / "js" / "backchannel.js").read_text()
     found = re.search(r'export const VERSION = "([^"]+)";', js)
     assert found is not None and found[1] == kernel
@@ -255,8 +261,10 @@ def test_readme_install_gives_the_kernel_every_plugin_their_schemas_and_the_extr
 ) -> None:
     venv, _ = outside
     python, env = venv / "bin" / "python", clean_env()
-    where = run([python, "-c", "import backchannel; print(backchannel.__file__)"], venv, env)
-    assert Path(where.strip()).is_relative_to(venv), where  # not the workspace's editable copy
+    code = "import backchannel; print(backchannel.__file__, backchannel.__version__)"
+    where, reported = run([python, "-c", code], venv, env).split()
+    assert Path(where).is_relative_to(venv), where  # not the workspace's editable copy
+    assert reported == KERNEL["version"]  # from the wheel's metadata
     rows = json.loads(run([venv / "bin" / "backchannel", "plugins"], venv, env))
     assert {row["distribution"] for row in rows} == {project(d)["name"] for d in DISTRIBUTIONS[1:]}
     pairs = sorted((package, name) for name, (package,) in owners().items())

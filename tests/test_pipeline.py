@@ -93,6 +93,7 @@ async def test_backchannel_error_answers_with_its_code() -> None:
     assert app.counters.errors == {"rate_limited": 1}
 
 
+@pytest.mark.server_fault
 async def test_unexpected_exception_is_handler_error_with_ref_logged_and_counted(
     caplog_bc: pytest.LogCaptureFixture,
 ) -> None:
@@ -187,6 +188,7 @@ class LeakyValidator:
         raise ValueError(f"db password {SECRET}")
 
 
+@pytest.mark.server_fault
 async def test_crashing_validate_hook_is_handler_error_counted_per_plugin() -> None:
     """A ``validate`` crash answers ``handler_error`` without the secret; counted per plugin."""
     app = new_app()
@@ -240,6 +242,7 @@ async def test_hanging_validate_hook_times_out() -> None:
     assert err["content"]["code"] == "timeout"
 
 
+@pytest.mark.server_fault
 async def test_on_error_maps_an_exception_to_a_backchannel_error() -> None:
     """``on_error`` returning a ``BackchannelError`` replaces ``handler_error``."""
     seen: list[BaseException] = []
@@ -304,6 +307,7 @@ async def test_async_generator_streams_chunks_then_ack_with_consecutive_seq() ->
     assert [f["seq"] for f in client.frames] == [1, 2, 3, 4]
 
 
+@pytest.mark.server_fault
 async def test_generator_failing_mid_stream_sends_chunks_then_error() -> None:
     """A generator that raises after two chunks ends with ``handler_error``, no ack."""
 
@@ -592,6 +596,7 @@ async def test_app_on_observers_see_each_event() -> None:
     ]
 
 
+@pytest.mark.server_fault
 async def test_raising_observer_does_not_break_the_request() -> None:
     """An observer that raises is logged and counted; the request is still answered."""
     app = new_app()
@@ -674,6 +679,7 @@ def socket_app(config: dict[str, Any] | None = None) -> App:
     return app
 
 
+@pytest.mark.server_fault
 async def test_real_socket_crash_is_a_well_formed_handler_error() -> None:
     """Over a socket, a crashing handler yields one schema-valid error frame, no traceback."""
     async with serving(socket_app()) as app, ws_connect(app.port) as c:

@@ -237,6 +237,37 @@ async def test_send_queue_past_send_queue_size_closes_1013_at_once(
         assert (await other.request("ping", {}))["type"] == "pong"
 
 
+async def test_send_queue_past_send_queue_bytes_closes_1013_at_once() -> None:
+    """The send queue is bounded in bytes too: a few big frames for a client that does not
+    read close it with 1013 long before ``send_queue_size`` frames are waiting."""
+    app = make_app(
+        {
+            "connection": {"slow_consumer_timeout": 60, "send_queue_bytes": 256 * 1024},
+            "heartbeat": {"interval": 60, "timeout": 2},
+        }
+    )
+    blob = "x" * 60_000
+    sent = 0
+
+    @app.handler("flood")
+    async def flood(message: Any, connection: Any) -> None:
+        nonlocal sent
+        while connection.close_code is None and sent < 1000:
+            connection.send("text", {"text": blob})
+            sent += 1
+            await anyio.sleep(0)
+
+    async with serving(app), ws_connect(_port(app)) as other:
+        async with raw_connect(_port(app)) as raw:
+            assert await raw.handshake() == 101
+            await raw.send("flood")
+            await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1)
+            with anyio.fail_after(5):
+                assert await raw.close_code() == 1013
+        assert sent < 100  # far below send_queue_size (1,024 frames): the bytes decided
+        assert (await other.request("ping", {}))["type"] == "pong"
+
+
 async def test_client_that_keeps_reading_is_never_a_slow_consumer() -> None:
     """However much a reading client receives (a long stream of chunks), the queue bound and
     the timeout leave it alone."""

@@ -324,7 +324,9 @@ def test_workers_comes_from_file_environment_and_flag(
     assert config_mod.load(path, environ={})["server"]["workers"] == 3
     environ = {"BACKCHANNEL_SERVER__WORKERS": "4"}
     assert config_mod.load(path, environ=environ)["server"]["workers"] == 4
-    with pytest.raises(StartupError, match=r"server\.workers: less than 1"):
+    with pytest.raises(
+        StartupError, match=r"server\.workers \(from BACKCHANNEL_SERVER__WORKERS\): less than 1"
+    ):
         config_mod.load(None, environ={"BACKCHANNEL_SERVER__WORKERS": "0"})
     # the flag reaches the refusal (port 0), so it was read: nothing is started
     monkeypatch.setattr(cli, "_setup_logging", lambda *args: None)
@@ -541,3 +543,21 @@ def test_workers_stop_when_the_supervisor_is_killed(redis_env: dict[str, str]) -
         assert output.count(f"supervisor (pid {sup.proc.pid}) is gone") == 2, output
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.slow
+def test_a_stop_signal_delivered_twice_is_one_graceful_stop(redis_env: dict[str, str]) -> None:
+    """SIGINT to the supervisor, and 0.2 s later again (what a launcher that also forwards it
+    does: ``uv run`` without a terminal, systemd stopping a control group): one graceful stop,
+    every worker exits on its own, none is killed."""
+    port = free_port()
+    with supervisor(["--workers", "2", "--port", str(port)], redis_env) as sup:
+        sup.wait_listening(port, 2)
+        sup.proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # the forwarded copy comes later (uv waits 200 ms)
+        sup.proc.send_signal(signal.SIGINT)
+        assert sup.proc.wait(BOUND) == 0, sup.output
+        output = sup.drained()
+    assert "received SIGINT, stopping 2 workers" in output
+    assert "killing the workers" not in output and "SIGKILL" not in output, output
+    assert output.count("received SIGTERM, shutting down") == 2

@@ -22,11 +22,14 @@
  * - every request settles once: with the terminal answer's content (`{}` for an
  *   `ack`), or with a {@link BackchannelError} carrying the server's `code`;
  * - a lost connection is re-opened with exponential backoff and full jitter;
- *   the new connection sends `init {sessionId, lastSeq, token}` first (the
+ *   the new connection sends `init {sessionId, lastSeq, epoch, token}` first (the
  *   token never goes in the URL), drops replayed frames it already saw
  *   (`seq <= lastSeq`), re-sends every request that has no answer yet with the
  *   same id (the server answers a retry from its dedupe cache instead of
  *   running the handler twice), and re-joins its rooms with `since`;
+ * - an `init` answered `overloaded`, `shutting_down` or `rate_limited` means "not
+ *   now": the client drops that connection and reconnects with backoff (waiting
+ *   at least `retryAfter`), before the first connection too, keeping its session;
  * - liveness: browsers cannot send protocol pings, so the client sends the
  *   application `ping` type every `heartbeat` ms and reconnects when nothing
  *   (no `pong`, no other frame) arrived within the next interval.
@@ -60,6 +63,12 @@ export const VERSION = "0.1.0";
  * `tokenProvider`, which could bring a fresh token.
  */
 const NO_RETRY = new Set([1008, 4001, 4003, 4009]);
+/**
+ * Error codes of an `init` answer that mean "not now" (the server is overloaded, e.g.
+ * its broker is away; shutting down; rate limiting): reconnect with backoff, keeping
+ * the session to resume, even before the first connection succeeded.
+ */
+const RETRY_INIT = new Set(["overloaded", "shutting_down", "rate_limited"]);
 /** Frame types that are never room messages, even when their content names a room. */
 const NOT_ROOM_MESSAGES = new Set(["join", "presence", "ack", "error", "chunk"]);
 const OPEN = 1; // WebSocket.OPEN, without depending on the global
@@ -219,6 +228,8 @@ export class Client {
     this.sessionId = null;
     /** @type {number} highest `seq` seen in the current session */
     this.lastSeq = 0;
+    /** @type {string|null} the broker epoch of the session (`init`'s answer), sent back on resume */
+    this.epoch = null;
     /** @type {string|null} who the server says we are (`init`'s `principal`) */
     this.principal = null;
     /** @type {number|null} round-trip time in ms of the last app-level ping */
@@ -421,6 +432,7 @@ export class Client {
       token: undefined,
       fresh: false, // set when the server refused to resume: init again, without the session
       refused: null,
+      busy: null, // init answered "not now" (RETRY_INIT): ms to wait at least before the next
       buffer: [],
       initId: null,
       internal: new Map(),
@@ -466,6 +478,8 @@ export class Client {
     if (this.sessionId && !conn.fresh) {
       content.sessionId = this.sessionId;
       content.lastSeq = this.lastSeq;
+      // a server whose broker lost this epoch answers resumed: false, reason epoch_changed
+      if (this.epoch !== null) content.epoch = this.epoch;
     }
     if (conn.token) content.token = conn.token;
     conn.initId = this._nextId();
@@ -498,6 +512,13 @@ export class Client {
   _onInit(conn, frame) {
     if (frame.type === "error") {
       const error = BackchannelError.fromFrame(frame);
+      if (RETRY_INIT.has(error.code)) {
+        // Not now: keep the session for later, reconnect with backoff.
+        const wait = error.retryAfter;
+        conn.busy = typeof wait === "number" && wait > 0 ? wait * 1000 : 0;
+        this._drop(conn, 1000, `init answered ${error.code}: ${error.message}`);
+        return;
+      }
       if (this.sessionId !== null && !conn.fresh) {
         // Resuming was refused (e.g. forbidden: not our session): start anew.
         conn.fresh = true;
@@ -512,6 +533,7 @@ export class Client {
     const previous = this.sessionId;
     const resumed = previous !== null && !conn.fresh && c.resumed === true;
     this.sessionId = c.sessionId ?? null;
+    this.epoch = c.epoch ?? null;
     this.principal = c.principal ?? this.principal;
     if (!resumed) this.lastSeq = 0; // a new session numbers its frames from 1 again
     clearTimeout(conn.openTimer);
@@ -634,7 +656,8 @@ export class Client {
     this._conn = null;
     if (this._closed) return;
     const why = `${code}${reason ? ": " + reason : ""}`;
-    if (!this._everConnected) {
+    const busy = conn.busy; // null unless init was answered "not now"
+    if (!this._everConnected && busy === null) {
       let message = `cannot connect to ${this.url} (${why})`;
       if (conn.failure) message += `: ${conn.failure}`;
       if (/\b403\b/.test(conn.failure)) {
@@ -649,15 +672,21 @@ export class Client {
     }
     const tokenExpired = code === 4008 && !this._options.tokenProvider;
     const givenUp = this._attempt >= this._options.maxAttempts;
-    if (fatal || givenUp || !this._options.reconnect || NO_RETRY.has(code) || tokenExpired) {
-      const message = givenUp
+    const refused = busy === null && (NO_RETRY.has(code) || tokenExpired);
+    if (fatal || givenUp || !this._options.reconnect || refused) {
+      let message = givenUp
         ? `gave up after ${this._attempt} reconnect attempts (${why})`
         : `connection closed (${why})`;
-      this._shutdown(code, reason, error || new BackchannelError("closed", message, { clientSide: true }));
+      let kind = "closed";
+      if (!this._everConnected) {
+        kind = "connect_failed"; // only "not now" answers came: connect() rejects
+        message = `cannot connect to ${this.url}: ${message}`;
+      }
+      this._shutdown(code, reason, error || new BackchannelError(kind, message, { clientSide: true }));
       return;
     }
     this._attempt += 1;
-    const delay = this.backoffDelay(this._attempt);
+    const delay = Math.max(this.backoffDelay(this._attempt), busy ?? 0);
     this._setState("reconnecting", { attempt: this._attempt, delay, code, reason });
     this._retryTimer = setTimeout(() => this._open(), delay);
   }

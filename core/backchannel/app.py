@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from importlib.resources import files
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -29,19 +29,20 @@ import anyio.abc
 import sniffio
 
 from . import config as config_mod
-from . import hookspecs
 from . import plugins as discovery
 from .broker import Broker
 from .config import Settings
 from .connection import Connection, Transport
 from .counters import Counters
-from .errors import StartupError
+from .errors import ErrorCode
 from .hooks import Gateway, new_manager
-from .http import HttpRequest, HttpResponse, RouteHandler, json_response
+from .http import HttpRequest, RouteHandler
 from .hub import Hub, holder_of
+from .inline import EVENTS, TypePlugin, observer
 from .memory import MemoryBroker
 from .model import MessageType
 from .pipeline import Pipeline
+from .routes import route_table
 from .runtime import Runtime
 from .session import Session
 
@@ -50,19 +51,9 @@ if TYPE_CHECKING:
 
 __all__ = ["App", "EVENTS", "Listener", "__version__"]
 
-__version__ = "0.1.0"
+#: the installed distribution's version: core/pyproject.toml's ``version``, the one source
+__version__ = metadata.version("backchannel")
 log = logging.getLogger("backchannel.app")
-hookimpl = hookspecs.hookimpl
-
-#: ``@app.on(event)`` names and the arguments their callbacks receive, in order.
-EVENTS: dict[str, tuple[str, ...]] = {
-    "connection_added": ("connection",),
-    "connection_removed": ("connection", "code"),
-    "message_received": ("message", "connection"),
-    "message_sent": ("connection", "frame"),
-    "error": ("connection", "message_id", "error"),
-    "alert": ("name", "state", "details"),
-}
 
 
 class Listener(Protocol):
@@ -78,28 +69,6 @@ class Listener(Protocol):
         """After the drain: cancel what is left of the connections' tasks."""
 
 
-def _observer(event: str, func: Callable[..., Any]) -> object:
-    """A one-hook plugin object calling ``func`` positionally for ``event``."""
-    args = EVENTS[event]
-    namespace: dict[str, Any] = {}
-    params = ", ".join(args)
-    exec(f"def {event}({params}):\n    return func({params})\n", {"func": func}, namespace)
-    return type(f"on_{event}", (), {event: staticmethod(hookimpl(namespace[event]))})()
-
-
-class _TypePlugin:
-    """What ``@app.handler`` registers: one message type with its handler."""
-
-    def __init__(self, name: str, handler: Callable[..., Any], options: dict[str, Any]) -> None:
-        self._name = name
-        self._handler = handler
-        self._options = options
-
-    @hookimpl
-    def message_types(self, register: Callable[..., None]) -> None:
-        register(self._name, handler=self._handler, **self._options)
-
-
 class App:
     """A backchannel application.
 
@@ -113,6 +82,8 @@ class App:
             name of the installed plugin it is an instance of, so its settings table
             and defaults apply.
         environ: the environment to read instead of ``os.environ``.
+        overrides: settings that beat the file and the environment (``backchannel serve``'s
+            flags), shaped like the config.
     """
 
     def __init__(
@@ -120,14 +91,19 @@ class App:
         config: dict[str, Any] | str | os.PathLike[str] | None = None,
         *,
         plugins: Iterable[str | object] | None = None,
-        environ: dict[str, str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        overrides: dict[str, Any] = {}
+        settings = config_mod.merge({}, overrides or {})
         if plugins is not None:
             plugins = list(plugins)
-            overrides = {"plugins": {"enabled": [p for p in plugins if isinstance(p, str)]}}
+            names = [p for p in plugins if isinstance(p, str)]
+            config_mod.merge(settings, {"plugins": {"enabled": names}})
+        self._environ = os.environ if environ is None else environ
         #: the checked configuration, shaped like ``backchannel.toml`` (defaults filled in)
-        self.config: dict[str, Any] = config_mod.load(config, environ=environ, overrides=overrides)
+        self.config: dict[str, Any] = config_mod.load(
+            config, environ=self._environ, overrides=settings
+        )
         #: the kernel's settings, typed (``app.settings.session.ttl``)
         self.settings = Settings.from_config(self.config)
         #: what the kernel counted since start (connections, frames, errors, closes, ...)
@@ -171,7 +147,8 @@ class App:
     def _register(self, plugin: object, name: str) -> None:
         self._gateway.register(plugin, name)
         schemas = self._gateway.setup("config_schema", {}, plugin=name)
-        config_mod.check_plugin(self.config, name, schemas[0][1] if schemas else None)
+        schema = schemas[0][1] if schemas else None
+        config_mod.check_plugin(self.config, name, schema, self._environ)
 
     def use(self, plugin: object, name: str | None = None) -> object:
         """Register an in-process plugin object (its hookimpls run after config plugins).
@@ -191,16 +168,23 @@ class App:
         schema: dict[str, Any] | None = None,
         permission: str | None = None,
         timeout: float | None = None,
+        reply: dict[str, Any] | str | None = None,
+        reply_type: str | None = None,
+        chunks: dict[str, Any] | None = None,
+        errors: Iterable[ErrorCode | str] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: ``@app.handler("type")`` answers that message type.
 
         The function takes ``(message)`` or ``(message, connection)``; see the
-        ``handle`` hookspec for what it may return.
+        ``handle`` hookspec for what it may return. ``reply``, ``reply_type``,
+        ``chunks`` and ``errors`` describe its answer, as in the ``message_types`` hookspec.
         """
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            options = {"schema": schema, "permission": permission, "timeout": timeout}
-            self.use(_TypePlugin(type, func, options), f"handler:{type}")
+            options: dict[str, Any] = {"schema": schema, "permission": permission}
+            options |= {"timeout": timeout, "reply": reply, "reply_type": reply_type}
+            options |= {"chunks": chunks, "errors": errors}
+            self.use(TypePlugin(type, func, options), f"handler:{type}")
             return func
 
         return decorate
@@ -211,7 +195,7 @@ class App:
             raise ValueError(f"unknown event {event!r}; one of {', '.join(EVENTS)}")
 
         def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-            self.use(_observer(event, func), f"on:{event}:{self._inline + 1}")
+            self.use(observer(event, func), f"on:{event}:{self._inline + 1}")
             return func
 
         return decorate
@@ -403,7 +387,18 @@ class App:
 
     # --------------------------------------------------------------- lifecycle
 
+    def _check_tables(self) -> None:
+        """Every ``[plugins.<name>]`` table names a plugin registered here or installed (a
+        misspelt table would otherwise be ignored silently)."""
+        tables = set(self.config["plugins"]) - {"enabled"} - set(self.plugins())
+        if tables:
+            known = [*self.plugins(), *discovery.installed()]
+            problems = config_mod.unknown_tables(self.config, known, self._environ)
+            if problems:
+                raise config_mod.invalid(problems)
+
     async def _startup(self) -> None:
+        self._check_tables()
         gateway = self._gateway
         await gateway.setup_async("startup", app=self)
         chosen = await gateway.setup_async("broker", app=self)
@@ -413,32 +408,7 @@ class App:
         await self.broker.start()
         self._pipeline.build()
         self._hub.observe()
-        routes: dict[str, RouteHandler] = {"/healthz": self._healthz, "/readyz": self._readyz}
-        routes["/static/backchannel.js"] = _static("backchannel.js", "application/javascript")
-        if self.settings.server.demo:
-            routes["/"] = _static("demo.html", "text/html; charset=utf-8")
-
-        def registrar(plugin: str) -> dict[str, Any]:
-            def register(method: str, path: str, handler: RouteHandler) -> None:
-                if method.upper() != "GET":
-                    raise StartupError(
-                        f"plugin {plugin!r}: route {method} {path}: only GET routes are served"
-                    )
-                if path in routes or path == self.settings.server.path:
-                    raise StartupError(f"plugin {plugin!r}: route {path} is already taken")
-                routes[path] = handler
-
-            return {"register": register}
-
-        gateway.setup("http_routes", registrar)
-        self._routes = routes
-
-    def _healthz(self, request: HttpRequest) -> HttpResponse:
-        return json_response(self.health())
-
-    def _readyz(self, request: HttpRequest) -> HttpResponse:
-        health = self.health()
-        return json_response(health, 200 if health["ready"] else 503)
+        self._routes = route_table(self, gateway)
 
     @asynccontextmanager
     async def serving(self, listener: Listener) -> AsyncIterator[App]:
@@ -547,13 +517,6 @@ class App:
         """After :meth:`stop`, wait until the background server of :meth:`start` ended."""
         if self._task is not None:
             await self._task
-
-
-def _static(name: str, content_type: str) -> RouteHandler:
-    """A GET route serving ``backchannel/static/<name>``, read once at start-up."""
-    body = files("backchannel").joinpath("static", name).read_bytes()
-    response = HttpResponse(200, body, content_type, {"Cache-Control": "no-cache"})
-    return lambda request: response
 
 
 def _split(type: str | dict[str, Any], content: Any) -> tuple[str, Any]:

@@ -140,14 +140,14 @@ class AsgiApp:
         options = self._options
         if options is None:
             response = HttpResponse(503, _NOT_STARTED)
-        elif scope["method"] != "GET":
-            response = HttpResponse(405, b"only GET is served\n", headers={"Allow": "GET"})
         else:
             request = _request(scope)
-            if request.path == options.ws_path:
+            if request.path != options.ws_path:
+                response = await route(options, request)  # (405 for a method but GET)
+            elif request.method == "GET":
                 response = HttpResponse(426, _UPGRADE, headers={"Upgrade": "websocket"})
             else:
-                response = await route(options, request)
+                response = HttpResponse(405, b"only GET is served\n", headers={"Allow": "GET"})
         headers = [
             (b"content-type", response.content_type.encode()),
             (b"content-length", str(len(response.body)).encode()),
@@ -348,7 +348,7 @@ def _request(scope: Scope) -> HttpRequest:
     query = scope.get("query_string") or b""
     target = f"{path}?{query.decode('latin-1')}" if query else path
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    request = HttpRequest("GET", target, headers)
+    request = HttpRequest(str(scope.get("method", "GET")), target, headers)
     client = scope.get("client")
     request.remote = (str(client[0]), int(client[1])) if client else None
     return request

@@ -1,4 +1,5 @@
-"""The ``backchannel`` command: ``serve``, ``plugins``, ``check``, plus plugin commands."""
+"""The ``backchannel`` command: ``serve``, ``check``, ``plugins``, ``new-plugin``, plus plugin
+commands."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,6 +33,10 @@ __all__ = ["main"]
 #: a worker dying this many times within RESTART_WINDOW seconds makes the supervisor give up
 MAX_DEATHS = 5
 RESTART_WINDOW = 10.0
+#: a stop signal within this many seconds of the first is that same request delivered twice
+#: (to the process group, and forwarded by a launcher: `uv run` without a terminal, systemd
+#: stopping a control group), not a second one asking to kill the workers
+REPEAT_WINDOW = 1.0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,21 +59,76 @@ def _setup_logging(level: str, fmt: str = "console", explicit: str | None = None
     setup_logging(level, fmt, explicit=explicit)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> App:
+    """What ``serve`` and ``check`` both do first: read the config (file, environment, flags),
+    load the enabled plugins and check their settings, and check that the event loop and
+    ``server.workers`` can run this config. Raises :class:`StartupError`."""
     from .app import App
 
-    try:
-        cfg = config_mod.load(args.config, overrides=_overrides(args))
-        _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
-        app = App(cfg, environ={})  # (cfg has the environment and the flags already)
-    except StartupError as exc:
-        print(f"backchannel: {exc}", file=sys.stderr)
-        return 2
-    if cfg["server"]["workers"] > 1:
+    app = App(args.config, overrides=_overrides(args))
+    server = app.settings.server
+    if server.backend == "trio":
+        try:
+            import trio  # noqa: F401
+        except ImportError as exc:
+            raise StartupError(
+                'server.backend = "trio" needs Trio, which is not installed: '
+                "pip install 'backchannel[trio]'"
+            ) from exc
+    if server.workers > 1:
         refusal = _cannot_supervise(app)
         if refusal is not None:
-            print(f"backchannel: {refusal}", file=sys.stderr)
-            return 2
+            raise StartupError(refusal)
+    return app
+
+
+def _run(app: App, main: Callable[[], Awaitable[None]]) -> None:
+    """Run ``main`` on the App's event loop (``server.backend``, uvloop when asked for)."""
+    server = app.settings.server
+    options: dict[str, Any] = {}
+    if server.backend == "asyncio" and server.uvloop:
+        try:
+            import uvloop  # noqa: F401
+
+            options["use_uvloop"] = True
+        except ImportError:
+            pass
+    anyio.run(main, backend=server.backend, backend_options=options)
+
+
+def _start_up(app: App) -> None:
+    """Start the App and shut it down again without listening: every set-up hook, plugin
+    resource (schemas, key files, secrets) and the broker, as ``serve`` starts them."""
+    from .testing import serve_in_memory
+
+    async def main() -> None:
+        async with serve_in_memory(app):
+            pass
+
+    _run(app, main)
+
+
+def _refused(failure: StartupError | OSError, code: int = 2) -> int:
+    """Print why the server cannot start, as one plain line (the same for serve and check)."""
+    what = "cannot listen: " if isinstance(failure, OSError) else ""
+    print(f"backchannel: {what}{failure}", file=sys.stderr)
+    return code
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        app = _prepare(args)
+        if app.settings.server.workers > 1:
+            # refuse once, here, what every worker would refuse at start-up
+            _start_up(app)
+    except Exception as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        return _refused(failure)
+    cfg = app.config
+    _setup_logging(cfg["log"]["level"], cfg["log"]["format"], args.log_level)
+    if cfg["server"]["workers"] > 1:
         return _supervise(args, cfg)
     supervisor: int | None = getattr(args, "worker_of", None)  # set in _supervise's workers
     log = logging.getLogger("backchannel.app")
@@ -95,26 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await app.serve_forever(reuse_port=supervisor is not None)
             tg.cancel_scope.cancel()
 
-    backend = cfg["server"]["backend"]
-    options: dict[str, Any] = {}
-    if backend == "asyncio" and cfg["server"]["uvloop"]:
-        try:
-            import uvloop  # noqa: F401
-
-            options["use_uvloop"] = True
-        except ImportError:
-            pass
     try:
-        anyio.run(main, backend=backend, backend_options=options)
+        _run(app, main)
     except Exception as exc:
         # Exit 2 (a supervisor does not restart it) only when it never listened; from inside
         # the serving task group, the failure comes wrapped in an ExceptionGroup.
         failure = _startup_failure(exc) if app.port is None else None
         if failure is None:
             raise
-        what = "cannot listen: " if isinstance(failure, OSError) else ""
-        print(f"backchannel: {what}{failure}", file=sys.stderr)
-        return 2
+        return _refused(failure)
     return 0
 
 
@@ -175,14 +225,15 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """Run ``server.workers`` copies of ``serve`` on one port (SO_REUSEPORT) until SIGTERM or
     SIGINT, which each worker gets as SIGTERM (graceful: going-away, 1001). A worker that dies
     is restarted, with back-off; MAX_DEATHS within RESTART_WINDOW seconds: give up (exit 1).
-    A worker exiting with 2 could not start (config, cannot listen): stop all, exit 2."""
+    A worker exiting with 2 could not start (config, cannot listen): stop all, exit 2.
+    A second stop signal (REPEAT_WINDOW seconds or more after the first) kills the workers."""
     log = logging.getLogger("backchannel.workers")
     count: int = cfg["server"]["workers"]
     cmd = _worker_command(args)
     workers: list[subprocess.Popen[bytes] | None] = [None] * count
     restart_at: dict[int, float] = {}
     deaths: deque[float] = deque()
-    requested: list[int] = []
+    requested: list[tuple[int, float]] = []  # stop signals: (signal, when)
 
     # Signals wake the wait below through this pipe: no polling, no wake-up lost between
     # looking at the workers and waiting.
@@ -191,7 +242,12 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     os.set_blocking(wake_w, False)
 
     def on_stop(signum: int, frame: object) -> None:
-        requested.append(signum)
+        requested.append((signum, time.monotonic()))
+
+    def asked_again(seen: int) -> bool:
+        """A stop signal came after the first ``seen`` ones that is not one of them again."""
+        first = requested[0][1] if seen else -REPEAT_WINDOW
+        return any(at - first >= REPEAT_WINDOW for _, at in requested[seen:])
 
     def on_child(signum: int, frame: object) -> None:
         pass  # only wakes the wait (through the wake-up fd)
@@ -273,7 +329,7 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         live = [proc for proc in workers if proc is not None]
         if requested:
             log.info(
-                "received %s, stopping %d workers", signal.Signals(requested[0]).name, len(live)
+                "received %s, stopping %d workers", signal.Signals(requested[0][0]).name, len(live)
             )
         seen = len(requested)
         for proc in live:
@@ -282,8 +338,8 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         deadline = time.monotonic() + cfg["shutdown"]["grace"] + 15.0
         clean = True
         while any(proc.poll() is None for proc in live):
-            if time.monotonic() >= deadline or len(requested) > seen:
-                why = "a second signal" if len(requested) > seen else "the time limit"
+            if time.monotonic() >= deadline or asked_again(seen):
+                why = "a second signal" if asked_again(seen) else "the time limit"
                 log.error("killing the workers still running (%s)", why)
                 for proc in live:
                     proc.kill()
@@ -312,15 +368,36 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .app import App
-
+    """Everything ``serve`` does but listening: the same checks, the App's start-up and
+    shutdown; what ``serve`` would refuse is refused with the same line."""
     source = args.config or "(defaults)"
     try:
-        app = App(args.config)
-    except StartupError as exc:
-        print(f"{source}: {exc}", file=sys.stderr)
-        return 1
+        app = _prepare(args)
+        _start_up(app)
+    except Exception as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise
+        return _refused(failure, 1)
     print(f"{source}: OK (plugins: {', '.join(app.config['plugins']['enabled'])})")
+    return 0
+
+
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    """Print the AsyncAPI 3.0 document of the types this config's plugins register."""
+    from .app import App, __version__
+    from .asyncapi import document, dumps, registered_types
+
+    try:
+        app = App(args.config)
+        types = registered_types(app)
+    except StartupError as exc:
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 2
+    server = app.settings.server
+    host = "localhost" if server.host in ("", "0.0.0.0", "::") else server.host
+    doc = document(types, host=f"{host}:{server.port}", path=server.path, version=__version__)
+    sys.stdout.write(dumps(doc))
     return 0
 
 
@@ -351,6 +428,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .scaffold import new_plugin
+
+    try:
+        target = new_plugin(args.name, Path(args.directory))
+    except StartupError as exc:
+        print(f"backchannel: {exc}", file=sys.stderr)
+        return 2
+    print(f"{target}: the {args.name!r} plugin; next: cd {target} && uv run pytest")
+    return 0
+
+
 def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backchannel", description="Real-time chat server over WebSocket."
@@ -372,13 +463,32 @@ def build_parser(plugin_commands: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)  # set by _supervise
     serve.set_defaults(func=cmd_serve)
 
-    check = sub.add_parser("check", help="validate a config file and its plugins without starting")
+    check = sub.add_parser(
+        "check",
+        help="everything serve does but listening: config, environment, plugins, start-up",
+    )
     check.add_argument("config", nargs="?", help="TOML config file")
     check.set_defaults(func=cmd_check)
+
+    scaffold = sub.add_parser(
+        "new-plugin",
+        help="write a plugin package (backchannel-NAME/): message type, schemas, tests, README",
+    )
+    scaffold.add_argument("name", help="the plugin's name (and its message type's)")
+    scaffold.add_argument(
+        "--directory", "-d", default=".", help="where to write backchannel-NAME/ (default: .)"
+    )
+    scaffold.set_defaults(func=cmd_new_plugin)
 
     listing = sub.add_parser("plugins", help="list installed plugins as JSON")
     listing.add_argument("--config", "-c", help="config deciding which are enabled")
     listing.set_defaults(func=cmd_plugins)
+
+    asyncapi = sub.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of the enabled plugins' message types"
+    )
+    asyncapi.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    asyncapi.set_defaults(func=cmd_asyncapi)
 
     if plugin_commands:
         _plugin_commands(sub)
@@ -401,7 +511,7 @@ def _plugin_commands(sub: Any) -> None:
             print(f"backchannel: plugin {name!r} ({module}): {exc}", file=sys.stderr)
 
 
-_BUILTIN = {"serve", "check", "plugins"}
+_BUILTIN = {"serve", "check", "plugins", "asyncapi", "new-plugin"}
 
 
 def main(argv: list[str] | None = None) -> int:

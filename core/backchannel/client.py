@@ -20,7 +20,7 @@ raised as :class:`HandshakeRefused`.
 Runs on asyncio and Trio (anyio streams + the Sans-I/O
 :class:`~backchannel.websocket.ClientWire`). After a drop it reconnects with
 exponential backoff and full jitter, resumes its session (``init {sessionId,
-lastSeq}``; frames replayed twice are dropped by ``seq``), re-sends every request
+lastSeq, epoch}``; frames replayed twice are dropped by ``seq``), re-sends every request
 without a terminal answer under the same id (the server answers a retried id
 once) and re-joins its rooms with ``since``. If the server cannot resume (state
 ``resynced``) the re-sent requests run in a new session: one that had already
@@ -70,6 +70,10 @@ log = logging.getLogger("backchannel.client")
 #: Close codes after which reconnecting would only repeat the refusal (policy,
 #: unauthorized, forbidden) or fight another client for the session (taken over).
 NO_RETRY = frozenset({1008, 4001, 4003, 4009})
+#: Error codes of an ``init`` answer that mean "not now" (the server is overloaded, e.g.
+#: its broker is away; shutting down; rate limiting): reconnect with backoff, keeping the
+#: session to resume, even before the first connection succeeded.
+RETRY_INIT = frozenset({ErrorCode.OVERLOADED, ErrorCode.SHUTTING_DOWN, ErrorCode.RATE_LIMITED})
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -225,6 +229,8 @@ class _Link:
         self.early: list[dict[str, Any]] = []  # frames before the init answer
         self.failure = ""
         self.refused: str | None = None  # resume refused by an error: its code; start anew
+        #: init answered "not now" (RETRY_INIT): seconds to wait at least (retryAfter, or 0)
+        self.busy: float | None = None
         self.tasks: anyio.abc.TaskGroup | None = None  # ends with the connection
 
     def send(self, data: bytes) -> None:
@@ -315,8 +321,12 @@ class Client:
 
     Entering connects and starts the session. The first connection must succeed
     (else :class:`ConnectError`): a wrong URL or a refused token fails at once
-    instead of retrying forever. ``token`` (or ``token_provider``, awaited before
-    every connection) goes in the ``Authorization`` header and in ``init``; a
+    instead of retrying forever. An ``init`` answered ``overloaded``,
+    ``shutting_down`` or ``rate_limited`` is "not now": the client drops that
+    connection and reconnects with backoff (waiting at least ``retryAfter``), before
+    the first connection too, keeping the session it resumes. ``token`` (or
+    ``token_provider``, awaited before every connection) goes in the
+    ``Authorization`` header and in ``init``; a
     ``system`` ``token_expiring`` notice is answered with ``auth.refresh`` and a
     token from ``token_provider``.
     ``on_state(state, info)`` is called on every :class:`State` change;
@@ -355,6 +365,7 @@ class Client:
         self.on_state, self.request_timeout = on_state, request_timeout
         self.session_id: str | None = None
         self.last_seq = 0  # highest seq delivered in this session
+        self.epoch: str | None = None  # the broker epoch of the session (init's answer)
         self.state = State.CONNECTING
         self.close_code: int | None = None
         self._ids = itertools.count(1)
@@ -589,6 +600,14 @@ class Client:
     def _on_init(self, link: _Link, frame: dict[str, Any]) -> None:
         content = frame.get("content") or {}
         if frame.get("type") == "error":
+            if content.get("code") in RETRY_INIT:  # not now: the session is kept for later
+                wait = content.get("retryAfter")
+                number = isinstance(wait, int | float) and not isinstance(wait, bool)
+                link.busy = max(float(wait), 0.0) if number and wait is not None else 0.0
+                link.failure = f"init answered {content.get('code')}: {content.get('message', '')}"
+                link.wire.close(1000)
+                link.wake.set()
+                return
             if self.session_id is not None and link.refused is None:  # start anew
                 log.warning("resume refused (%s); starting a new session", content.get("code"))
                 link.refused = str(content.get("code"))
@@ -604,6 +623,7 @@ class Client:
         if not resumed:
             self.last_seq = 0  # a new session numbers its frames from 1
         self.session_id = content.get("sessionId")
+        self.epoch = content.get("epoch")
         link.ready.set()
         for early in link.early:
             self._on_frame(early)
@@ -645,6 +665,8 @@ class Client:
         content: dict[str, Any] = {"client": {"name": "backchannel-python", "version": __version__}}
         if self.session_id is not None and link.refused is None:
             content.update(sessionId=self.session_id, lastSeq=self.last_seq)
+            if self.epoch is not None:  # a server whose broker lost it answers epoch_changed
+                content["epoch"] = self.epoch
         if link.token:
             content["token"] = link.token
         link.init_id = self._send(link, "init", content)
@@ -689,29 +711,34 @@ class Client:
         attempt = 0
         self._set_state(State.CONNECTING, {"url": self.url})
         while True:
-            code, reason, was_ready = await self._attempt()
-            if not self._connected:
-                failure = self._fatal or self._refusal
-                self._fatal = failure or ConnectError(f"cannot connect to {self.url}: {reason}")
+            code, reason, was_ready, busy = await self._attempt()
+            if self._closing:
                 return code, reason
             if was_ready:
                 attempt = 0
-            if self._closing or self._fatal is not None:
-                return code, reason
-            if not self.reconnect or code in NO_RETRY:
+            # Before the first init answer only "not now" (busy) is worth retrying: a wrong
+            # URL or a refused token fails at once.
+            retry = busy is not None or (self._connected and code not in NO_RETRY)
+            if self._fatal is not None or not self.reconnect or not retry:
+                if not self._connected:
+                    failure = self._fatal or self._refusal
+                    self._fatal = failure or ConnectError(f"cannot connect to {self.url}: {reason}")
                 return code, reason
             limit = self.backoff.max_attempts
             if limit is not None and attempt >= limit:
-                return code, f"gave up after {attempt} reconnect attempts ({reason})"
-            delay = self.backoff.delay(attempt)
+                gave_up = f"gave up after {attempt} reconnect attempts ({reason})"
+                if not self._connected:
+                    self._fatal = ConnectError(f"cannot connect to {self.url}: {gave_up}")
+                return code, gave_up
+            delay = max(self.backoff.delay(attempt), busy or 0.0)
             attempt += 1
             info = {"attempt": attempt, "delay": delay, "code": code, "reason": reason}
             self._set_state(State.RECONNECTING, info)
             await anyio.sleep(delay)
 
-    async def _attempt(self) -> tuple[int | None, str, bool]:
-        """One connection, from TCP connect to close: its close code, why, and whether
-        init was answered."""
+    async def _attempt(self) -> tuple[int | None, str, bool, float | None]:
+        """One connection, from TCP connect to close: its close code, why, whether init was
+        answered, and when init was answered "not now", the least delay before the next."""
         try:
             with anyio.fail_after(self.request_timeout):
                 token = await self.token_provider() if self.token_provider else self.token
@@ -725,7 +752,7 @@ class Client:
                 else:
                     stream = await anyio.connect_tcp(wire.host, wire.port)
         except Exception as exc:  # refused, DNS, TLS, a failing token provider, timeout
-            return None, f"{type(exc).__name__}: {exc}", False
+            return None, f"{type(exc).__name__}: {exc}", False, None
         link = self._link = _Link(stream, wire, token)
         try:
             async with anyio.create_task_group() as tg:
@@ -746,9 +773,9 @@ class Client:
             self._refusal = HandshakeRefused(
                 self.url, int(status[1]) if status else None, why, self.origin
             )
-            return None, str(self._refusal), False
+            return None, str(self._refusal), False, None
         code = wire.close_code if wire.is_closed else 1006
-        return code, link.failure or wire.close_reason or "", link.ready.is_set()
+        return code, link.failure or wire.close_reason or "", link.ready.is_set(), link.busy
 
     async def _reader(self, link: _Link) -> None:
         wire = link.wire

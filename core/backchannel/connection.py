@@ -71,18 +71,32 @@ class Output:
     """A connection's send side: writes frames and enforces the send budget.
 
     While the peer is not reading (``transport.blocked_since`` set), every frame written
-    waits in the transport's queue; past ``connection.send_queue_size`` of them the
-    client is a slow consumer (closed 1013, its session keeps what it missed).
+    waits in the transport's queue; past ``connection.send_queue_size`` of them, or
+    ``connection.send_queue_bytes`` of their bytes, the client is a slow consumer (closed
+    1013, its session keeps what it missed).
     """
 
-    __slots__ = ("_transport", "_limit", "_overflow", "_blocked_at", "_backlog")
+    __slots__ = (
+        "_transport",
+        "_frames",
+        "_bytes",
+        "_overflow",
+        "_blocked_at",
+        "_backlog",
+        "_backlog_bytes",
+        "open",
+    )
 
-    def __init__(self, transport: Transport, limit: int, overflow: Any) -> None:
+    def __init__(self, transport: Transport, frames: int, size: int, overflow: Any) -> None:
         self._transport = transport
-        self._limit = limit
+        self._frames = frames
+        self._bytes = size
         self._overflow = overflow
         self._blocked_at: float | None = None  # the blocked_since we count frames for
         self._backlog = 0  # frames written since then
+        self._backlog_bytes = 0  # and their bytes
+        #: False once the transport is gone: frames are kept (by the session), not written
+        self.open = True
 
     @property
     def blocked_since(self) -> float | None:
@@ -93,15 +107,18 @@ class Output:
         return self._transport.heartbeat(now, interval, timeout)
 
     def write(self, data: bytes) -> None:
+        if not self.open:
+            return
         transport = self._transport
         transport.write(data)
         blocked = transport.blocked_since
         if blocked is not None:  # the peer is not reading: this frame waits in the queue
             if blocked != self._blocked_at:
                 self._blocked_at = blocked
-                self._backlog = 0
+                self._backlog = self._backlog_bytes = 0
             self._backlog += 1
-            if self._backlog > self._limit:
+            self._backlog_bytes += len(data)
+            if self._backlog > self._frames or self._backlog_bytes > self._bytes:
                 self._overflow()
 
 
@@ -127,7 +144,8 @@ class Connection:
         "opened_at",
         "close_code",
         "state",
-        "_principal",
+        "on_message",
+        "principal",
         "_hub",
         "_transport",
         "_runtime",
@@ -146,27 +164,29 @@ class Connection:
         self.remote = request.remote
         self._transport = transport
         self._runtime = runtime
-        self._principal: Principal | None = None
+        #: who is on the other end; None while it has not authenticated (see ``DEFERRED``);
+        #: read it, change it with :meth:`authenticate`
+        self.principal: Principal | None = None
         self.stash = Stash()
         self.opened_at = time.time()
         self.close_code: int | None = None
         self.state = State.CONNECTING
+        limits = hub.settings.connection
+        self._output = Output(
+            transport, limits.send_queue_size, limits.send_queue_bytes, self._overflow
+        )
         # The session gets its principal and its broker log once authenticated.
         self.session = Session(hub, "")
-        self.session.attach(self, self._write)
-        self._output = Output(transport, hub.settings.connection.send_queue_size, self._overflow)
+        self.session.attach(self, self._output.write)
         self._inbox = Inbox(self, hub, runtime)
+        #: the driver calls it with each complete WebSocket message (the inbox takes it)
+        self.on_message = self._inbox.receive
         self._refusals: list[float] | None = None  # [interval start, logged, suppressed]
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.state.value} session={self.session.id}>"
 
     # ---------------------------------------------------------------- principal
-
-    @property
-    def principal(self) -> Principal | None:
-        """Who is on the other end; None while it has not authenticated (see ``DEFERRED``)."""
-        return self._principal
 
     def authenticate(self, principal: Principal) -> None:
         """Make ``principal`` this connection's.
@@ -179,10 +199,10 @@ class Connection:
         it kept before is not). Replacing a principal by another id is refused
         (``ValueError``).
         """
-        current = self._principal
+        current = self.principal
         if current is not None and current.id != principal.id and not current.anonymous:
             raise ValueError(f"connection {self.id} is {current.id!r}, not {principal.id!r}")
-        self._principal = principal
+        self.principal = principal
         session = self.session
         if session.principal_id != principal.id:
             session.principal_id = principal.id
@@ -207,11 +227,6 @@ class Connection:
     def send(self, type: str, content: Any, reply_to: str | None = None) -> int:
         """Send one frame to this connection's session (see :meth:`Session.send`)."""
         return self.session.send(type, content, reply_to)
-
-    def _write(self, data: bytes) -> None:
-        state = self.state
-        if state is State.OPEN or state is State.CONNECTING:
-            self._output.write(data)
 
     def _overflow(self) -> None:
         if self.close_code is None:
@@ -300,13 +315,9 @@ class Connection:
     async def resume(self, session_id: str, last_seq: int) -> dict[str, Any]:
         """Continue session ``session_id`` on this connection, replaying what it missed
         (the ``init`` plugin calls it); see :func:`backchannel.session.resume`."""
-        return await resume(self._hub, self, self._write, session_id, last_seq)
+        return await resume(self._hub, self, self._output.write, session_id, last_seq)
 
     # ------------------------------------------------------------ the driver's side
-
-    def on_message(self, payload: str | bytes) -> None:
-        """A complete WebSocket message arrived (called by the driver)."""
-        self._inbox.receive(payload)
 
     def on_closed(self, code: int) -> None:
         """The transport is gone (called by the driver, once)."""
@@ -318,6 +329,7 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
         self.state = State.CLOSED
+        self._output.open = False
         self._inbox.wake()
         if state is State.OPEN:  # leave now; queued and running requests go on
             self._runtime.spawn(self._leave)
@@ -341,7 +353,7 @@ class Connection:
             if not admitted:
                 return
             self.state = State.OPEN
-            if self._principal is not None:
+            if self.principal is not None:
                 self._keep(self.session)
             hub.add(self, self._output)
             hub.gateway.notify("connection_added", connection=self)

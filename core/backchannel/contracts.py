@@ -49,8 +49,19 @@ _NAME_LIMIT = 64
 
 
 def load_schema(package: str, name: str) -> dict[str, Any]:
-    """Read JSON Schema ``name`` shipped in ``package``'s ``schemas`` directory."""
-    data = files(package).joinpath("schemas", name).read_bytes()
+    """Read JSON Schema ``name`` shipped in ``package``'s ``schemas`` directory.
+
+    A missing file raises :class:`FileNotFoundError` naming the package, the file and where
+    it was looked for (a distribution built without its schemas fails start-up saying so).
+    """
+    resource = files(package).joinpath("schemas", name)
+    try:
+        data = resource.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"package {package!r} has no schemas/{name} (looked for {resource}); "
+            "was it built without its schemas?"
+        ) from None
     schema: dict[str, Any] = orjson.loads(data)
     return schema
 

@@ -223,28 +223,28 @@ class Gateway:
             raise self._broken(spec, impl, f"did not finish within {self.timeout:g} s")
         return None  # pragma: no cover (the scope returns or is caught)
 
-    async def _call(
+    def _invoke(
         self,
         spec: HookSpec,
         impl: HookImpl,
         kwargs: Mapping[str, Any],
         passthrough: tuple[type[BaseException], ...],
     ) -> Any:
-        """One implementation, its awaitable awaited, its result checked; any failure is
-        a :class:`HookFailed` (``passthrough`` exceptions are the caller's)."""
+        """Call one implementation: a raise is a :class:`HookFailed` (``passthrough``
+        exceptions are the caller's), and so is an awaitable from a sync-only hook."""
         try:
             result = impl.function(*[kwargs[n] for n in impl.argnames])
-            if _isawaitable(result):
-                if not spec.awaitable:
-                    _discard(result)
-                    raise self._broken(spec, impl, "returned an awaitable, but it is sync only")
-                result = await self._await(spec, impl, result)
         except passthrough:
-            raise
-        except HookFailed:
             raise
         except Exception as exc:
             raise self._failed(spec, impl, exc) from exc
+        if result is not None and not spec.awaitable and _isawaitable(result):
+            _discard(result)
+            raise self._broken(spec, impl, "returned an awaitable, but it is sync only")
+        return result
+
+    def _checked(self, spec: HookSpec, impl: HookImpl, result: Any) -> Any:
+        """``result``, if the spec allows it; else a :class:`HookFailed`."""
         why = None if result is None else _wrong(spec, result)
         if why is not None:
             raise self._broken(spec, impl, why)
@@ -257,19 +257,29 @@ class Gateway:
         kwargs: Mapping[str, Any],
         passthrough: tuple[type[BaseException], ...],
     ) -> Any:
-        try:
-            result = impl.function(*[kwargs[n] for n in impl.argnames])
-        except passthrough:
-            raise
-        except Exception as exc:
-            raise self._failed(spec, impl, exc) from exc
+        """One implementation of a sync-only hook, its result checked."""
+        return self._checked(spec, impl, self._invoke(spec, impl, kwargs, passthrough))
+
+    async def _call(
+        self,
+        spec: HookSpec,
+        impl: HookImpl,
+        kwargs: Mapping[str, Any],
+        passthrough: tuple[type[BaseException], ...],
+    ) -> Any:
+        """One implementation, its awaitable awaited (within ``hooks.timeout``), its result
+        checked; any failure is a :class:`HookFailed`."""
+        result = self._invoke(spec, impl, kwargs, passthrough)
         if result is not None and _isawaitable(result):
-            _discard(result)
-            raise self._broken(spec, impl, "returned an awaitable, but it is sync only")
-        why = None if result is None else _wrong(spec, result)
-        if why is not None:
-            raise self._broken(spec, impl, why)
-        return result
+            try:
+                result = await self._await(spec, impl, result)
+            except passthrough:
+                raise
+            except HookFailed:
+                raise
+            except Exception as exc:
+                raise self._failed(spec, impl, exc) from exc
+        return self._checked(spec, impl, result)
 
     # ----------------------------------------------------------------- set-up
 
@@ -359,20 +369,6 @@ class Gateway:
         if not impls:
             return None
 
-        def call(*args: Any) -> Awaitable[None] | None:
-            for index, (impl, func) in enumerate(impls):
-                try:
-                    result = func(*args)
-                except BackchannelError:
-                    raise
-                except Exception as exc:
-                    raise self._failed(spec, impl, exc) from exc
-                if result is not None:
-                    if _isawaitable(result):
-                        return finish(index, result, args)
-                    raise self._broken(spec, impl, _not_none(result))
-            return None
-
         async def finish(index: int, pending: Awaitable[Any], args: tuple[Any, ...]) -> None:
             impl = impls[index][0]
             try:
@@ -389,6 +385,38 @@ class Gateway:
                 raise
             except Exception as exc:
                 raise self._failed(spec, impl, exc) from exc
+
+        if len(impls) == 1:  # the common case: one direct call
+            only_impl, only = impls[0]
+
+            def call_one(*args: Any) -> Awaitable[None] | None:
+                try:
+                    result = only(*args)
+                except BackchannelError:
+                    raise
+                except Exception as exc:
+                    raise self._failed(spec, only_impl, exc) from exc
+                if result is None:
+                    return None
+                if _isawaitable(result):
+                    return finish(0, result, args)
+                raise self._broken(spec, only_impl, _not_none(result))
+
+            return call_one
+
+        def call(*args: Any) -> Awaitable[None] | None:
+            for index, (impl, func) in enumerate(impls):
+                try:
+                    result = func(*args)
+                except BackchannelError:
+                    raise
+                except Exception as exc:
+                    raise self._failed(spec, impl, exc) from exc
+                if result is not None:
+                    if _isawaitable(result):
+                        return finish(index, result, args)
+                    raise self._broken(spec, impl, _not_none(result))
+            return None
 
         return call
 

@@ -127,7 +127,8 @@ def config_schema() -> dict[str, Any] | None:
 def message_types(register: Callable[..., None]) -> None:
     """Declare the message types this plugin owns, by calling ``register``.
 
-    ``register(name, *, schema=None, permission=None, handler=None, timeout=None)``:
+    ``register(name, *, schema=None, permission=None, handler=None, timeout=None,
+    reply=None, reply_type=None, chunks=None, errors=None)``:
 
     * ``name``: what clients send as ``type``: 1-64 characters of ``a-z 0-9 _ . -``,
       starting with a letter (the envelope's rule; any other name fails start-up),
@@ -139,8 +140,21 @@ def message_types(register: Callable[..., None]) -> None:
       hookimpl.
     * ``timeout``: seconds, overriding ``message.timeout`` for this type.
 
+    The contract of the answer, for clients (``/asyncapi.json``, the TypeScript
+    declarations); the kernel does not check replies against it:
+
+    * ``reply``: JSON Schema (dict) of the reply's ``content``, or ``"ack"`` when the
+      handler returns nothing.
+    * ``reply_type``: the reply frame's ``type`` when it is not the request's own
+      (``ping`` answers ``pong``).
+    * ``chunks``: JSON Schema of each ``chunk``'s ``content`` when the handler streams
+      (its answer is then ``ack``).
+    * ``errors``: the error codes (:class:`~backchannel.ErrorCode` or their values) it
+      may answer beyond those every request may get (``backchannel.model.COMMON_ERRORS``;
+      ``forbidden`` is implied by ``permission``).
+
     Called once at start-up. Two plugins registering one name fail start-up, naming
-    both. Returns nothing.
+    both; so does any option of the wrong kind. Returns nothing.
     """
 
 

@@ -34,6 +34,7 @@ __all__ = ["Inbox", "Job"]
 
 log = logging.getLogger("backchannel.connection")
 
+_BINARY = "binary frames are not part of protocol v1; send JSON text"
 #: requests the connection's task handles in a row before giving the others a turn
 _INLINE_RUN = 16
 
@@ -95,27 +96,18 @@ class Inbox:
             return
         hub = self._hub
         pipeline = hub.pipeline
-        early = self._early
-        if early is not None:  # not admitted yet: nothing is answered before that
-            if len(early) < pipeline.max_queued:
-                early.append(payload)
-            else:
-                conn.close(CloseCode.POLICY_VIOLATION, "too many messages before admission")
+        if self._early is not None:  # not admitted yet: nothing is answered before that
+            self._wait(payload)
             return
         hub.counters.frames_received += 1
         if type(payload) is not str:
-            conn.send_error(
-                None,
-                BackchannelError(
-                    ErrorCode.BAD_JSON, "binary frames are not part of protocol v1; send JSON text"
-                ),
-            )
+            self._refuse(None, ErrorCode.BAD_JSON, _BINARY)
             return
         try:
             data = decode(payload)
         except orjson.JSONDecodeError as exc:
             why = "nested too deeply" if "depth" in str(exc) else "not valid JSON"
-            conn.send_error(None, BackchannelError(ErrorCode.BAD_JSON, f"message is {why}"))
+            self._refuse(None, ErrorCode.BAD_JSON, f"message is {why}")
             return
         if type(data) is not dict or not pipeline.envelope.is_valid(data):
             self._bad_envelope(data)
@@ -134,37 +126,66 @@ class Inbox:
             self._cancel(message)
             return
         if hub.shutting_down:
-            conn.send_error(
-                message.id,
-                BackchannelError(ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect"),
-                message,
-            )
+            self._refuse(message, ErrorCode.SHUTTING_DOWN, "server is shutting down; reconnect")
             return
         pending = conn.session.pending
         if message.id in pending:  # a retry of a request still queued or running: attach
-            hub.counters.retries += 1
-            if conn._may_log_refusal():  # a client's repeats: within its log budget
-                log.info(
-                    "retry attached conn=%s session=%s msg=%s",
-                    conn.id,
-                    conn.session.id,
-                    message.id,
-                    extra={"connection_id": conn.id, "message_id": message.id},
-                )
+            self._attach(message)
             return
         if len(self._queue) >= pipeline.max_queued:
-            conn.send_error(
-                message.id,
-                BackchannelError(ErrorCode.OVERLOADED, "too many requests waiting; retry later"),
-                message,
-            )
+            self._refuse(message, ErrorCode.OVERLOADED, "too many requests waiting; retry later")
             return
         pending[message.id] = message
-        if not self._queue and not self._busy and pipeline.max_in_flight == 1:
-            self._handle_now(message)  # nothing ahead of it: no task switch
-        else:
+        if self._queue or self._busy or pipeline.max_in_flight != 1:
             self._queue.append(message)
             self._signal.set()
+            return
+        # Nothing ahead of it: handle it right here, no task switch; a sync handler answers
+        # now, an async one's rest goes to the front of the queue for the connection's task.
+        answered = conn.session.log.recall(message.id)
+        if answered is None:
+            rest = pipeline.start(conn, message)
+            if rest is None:  # answered
+                del pending[message.id]
+            else:
+                self._queue.appendleft(_Continue(self._job(message), rest))
+                self._signal.set()
+        elif isinstance(answered, tuple):
+            del pending[message.id]  # the answer is the original's: nothing to remember
+            started = self._replay(message, answered)
+            if started is not None:  # a validate hook to await first
+                self._queue.appendleft(_Continue(*started))
+                self._signal.set()
+        else:  # a networked broker's recall needs waiting: the connection's task does it
+            answered.close()  # type: ignore[attr-defined]
+            self._queue.append(message)
+            self._signal.set()
+
+    def _wait(self, payload: str | bytes) -> None:
+        """Before admission: keep the message (a bounded number) for after it."""
+        early = self._early
+        assert early is not None
+        if len(early) < self._hub.pipeline.max_queued:
+            early.append(payload)
+        else:
+            self._conn.close(CloseCode.POLICY_VIOLATION, "too many messages before admission")
+
+    def _refuse(self, message: Message | None, code: ErrorCode, text: str) -> None:
+        reply_to = None if message is None else message.id
+        self._conn.send_error(reply_to, BackchannelError(code, text), message)
+
+    def _attach(self, message: Message) -> None:
+        """A retry of a request still queued or running: its answer will serve both."""
+        conn = self._conn
+        self._hub.counters.retries += 1
+        if conn._may_log_refusal():  # a client's repeats: within its log budget
+            log.info(
+                "retry attached conn=%s session=%s msg=%s",
+                conn.id,
+                conn.session.id,
+                message.id,
+                extra={"connection_id": conn.id, "message_id": message.id},
+            )
 
     def admitted(self) -> None:
         """The connection was admitted: handle what arrived meanwhile, in order."""
@@ -270,28 +291,13 @@ class Inbox:
         if started is not None:
             await self._finish(*started)
 
-    def _handle_now(self, message: Message) -> None:
-        """:meth:`_handle` without waiting: a sync handler answers right here; an
-        async one's rest goes to the front of the queue for the connection's task."""
-        answered = self._conn.session.log.recall(message.id)
-        if answered is not None and not isinstance(answered, tuple):  # needs waiting: queue it
-            answered.close()  # type: ignore[attr-defined]
-            self._queue.append(message)
-            self._signal.set()
-            return
-        started = self._start(message, answered)
-        if started is not None:
-            self._queue.appendleft(_Continue(*started))
-            self._signal.set()
-
     def _start(
         self, message: Message, answered: tuple[bytes, int] | None
     ) -> tuple[Job, Rest] | None:
         """Start a retry's answer again, or run the request as far as it goes without
         waiting; the Job and what is left to await, if anything."""
         conn = self._conn
-        session = conn.session
-        pending = session.pending
+        pending = conn.session.pending
         if answered is not None:
             pending.pop(message.id, None)  # the answer is the original's: nothing to remember
             return self._replay(message, answered)
@@ -299,10 +305,7 @@ class Inbox:
         if rest is None:  # answered: a sync handler never needs a Job
             pending.pop(message.id, None)
             return None
-        job = Job(message, session, self._runtime)
-        pending[message.id] = job
-        self._hub.running.add(job)
-        return job, rest
+        return self._job(message), rest
 
     def _replay(self, message: Message, answered: tuple[bytes, int]) -> tuple[Job, Rest] | None:
         """A retry of an answered request gets its original answer again (:func:`answer_again`),
@@ -345,6 +348,14 @@ class Inbox:
         job = Job(message, conn.session, self._runtime)
         hub.running.add(job)
         return job, Rest(entry, pending, True)
+
+    def _job(self, message: Message) -> Job:
+        """The request's rest has to be awaited: it becomes a Job (deadline, cancel)."""
+        session = self._conn.session
+        job = Job(message, session, self._runtime)
+        session.pending[message.id] = job
+        self._hub.running.add(job)
+        return job
 
     async def _finish(self, job: Job, rest: Rest) -> None:
         try:

@@ -75,29 +75,33 @@ class _SessionLog:
         return self
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
-        if self._broker is not None:
-            self.keep(seq, frame)
+        broker = self._broker
+        if broker is not None:  # (inline: every frame a session is sent comes here)
+            before = self.size
+            frames = self.frames
+            if seq != self.last_seq + 1:  # never happens through Session.send; keep seqs exact
+                self.size -= sum(len(f) for f in frames) + FRAME_COST * len(frames)
+                frames.clear()
+            # Keep a right-sized copy: orjson's bytes hold a >= 4 KiB buffer whatever their
+            # length, which would make the real outbox ~10x what outbox_max_bytes counts.
+            kept = bytes(memoryview(frame))
+            frames.append(kept)
+            self.last_seq = seq
+            size = self.size + len(kept) + FRAME_COST
+            while len(frames) > self.max_frames or (size > self.max_bytes and frames):
+                size -= len(frames.popleft()) + FRAME_COST
+            self.size = size
+            if size > self.max_bytes:  # remembered answers alone fill the budget
+                self._fit()
+            broker._barren = False
+            broker.used += self.size - before
+            if broker.used > broker.total_max_bytes or broker._full:
+                broker._settle(self)
         if deliver is not None:
             deliver(frame)
 
-    def keep(self, seq: int, frame: bytes) -> None:
-        before = self.size
-        frames = self.frames
-        if seq != self.last_seq + 1:  # never happens through Session.send; keep seqs exact
-            self.size -= sum(len(f) for f in frames) + FRAME_COST * len(frames)
-            frames.clear()
-        # Keep a right-sized copy: orjson's bytes hold a >= 4 KiB buffer whatever their
-        # length, which would make the real outbox ~10x what outbox_max_bytes counts.
-        frame = bytes(memoryview(frame))
-        frames.append(frame)
-        self.last_seq = seq
-        self.size += len(frame) + FRAME_COST
-        while len(frames) > self.max_frames:
-            self.size -= len(frames.popleft()) + FRAME_COST
-        self._fit(before)
-
-    def _fit(self, before: int) -> None:
-        """Trim to ``max_bytes`` (oldest frames, then oldest answers); tell the broker."""
+    def _fit(self) -> None:
+        """Trim to ``max_bytes``: the oldest frames, then the oldest answers."""
         frames, answers = self.frames, self.answers
         while self.size > self.max_bytes and frames:
             self.size -= len(frames.popleft()) + FRAME_COST
@@ -105,9 +109,6 @@ class _SessionLog:
             oldest = next(iter(answers))
             del answers[oldest]
             self.size -= len(oldest) + ANSWER_COST
-        broker = self._broker
-        if broker is not None and self.size != before:
-            broker._grew(self, self.size - before)
 
     def shed(self) -> bool:
         """Give up the oldest frame (the broker is over its total); False if none is left."""
@@ -145,7 +146,8 @@ class _SessionLog:
         # The oldest are pushed out past max_answers (the dict keeps insertion order, and
         # its first key is found within the few holes a dict this small keeps); recall
         # ignores those past the window.
-        if self._broker is None:
+        broker = self._broker
+        if broker is None:
             return
         before = self.size
         answers = self.answers
@@ -156,7 +158,8 @@ class _SessionLog:
             oldest = next(iter(answers))
             del answers[oldest]
             self.size -= len(oldest) + ANSWER_COST
-        self._fit(before)
+        self._fit()
+        broker._grew(self, self.size - before)
 
     def recall(self, request_id: str) -> tuple[bytes, int] | None:
         entry = self.answers.get(request_id)
@@ -297,13 +300,16 @@ class MemoryBroker:
         return gone
 
     def _grew(self, entry: _SessionLog, delta: int) -> None:
-        """``entry`` grew by ``delta`` bytes: past the total, make room."""
+        """``entry`` grew by ``delta`` bytes (or shrank): past the total, make room."""
         self.used += delta
-        if delta > 0:
-            self._barren = False
-            if self.used > self.total_max_bytes:
-                self._make_room(entry)
-        elif self._full and self.used <= self.total_max_bytes:
+        if self.used > self.total_max_bytes or self._full:
+            self._settle(entry)
+
+    def _settle(self, growing: _SessionLog) -> None:
+        """Past the total, make room; back within it, warn again next time it is full."""
+        if self.used > self.total_max_bytes:
+            self._make_room(growing)
+        else:
             self._full = False
 
     def _make_room(self, growing: _SessionLog) -> None:

@@ -6,7 +6,10 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from .errors import ErrorCode
+
 __all__ = [
+    "COMMON_ERRORS",
     "DEFERRED",
     "Deferred",
     "Message",
@@ -82,9 +85,36 @@ class Deferred:
 DEFERRED = Deferred()
 
 
+#: Error codes any request may be answered with, whatever its type: the kernel's own
+#: (no principal yet, a full queue, a timeout, a cancel, a failing handler, shutdown, a
+#: retry whose answer is gone) and those of plugins that check every request (validation
+#: limits and allowed types, rate limits, an expired token). A type's contract names the
+#: codes it may get beyond these (:meth:`MessageType.error_codes`).
+COMMON_ERRORS: frozenset[ErrorCode] = frozenset(
+    {
+        ErrorCode.INVALID_ENVELOPE,
+        ErrorCode.TYPE_NOT_ALLOWED,
+        ErrorCode.VALIDATION_FAILED,
+        ErrorCode.TOO_LARGE,
+        ErrorCode.UNAUTHORIZED,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.TIMEOUT,
+        ErrorCode.HANDLER_ERROR,
+        ErrorCode.CANCELLED,
+        ErrorCode.OVERLOADED,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class MessageType:
-    """A registered message type, as ``app.message_types()`` describes it."""
+    """A registered message type, as ``app.message_types()`` describes it: its contract.
+
+    ``reply``, ``reply_type``, ``chunks`` and ``errors`` are what the plugin declared about
+    the answer (see the ``message_types`` hookspec); a type registered without them has
+    ``reply_type`` None: its answer is not described.
+    """
 
     name: str
     #: the plugin that registered it
@@ -95,6 +125,25 @@ class MessageType:
     permission: str | None
     #: seconds its handler may take (between chunks when streaming)
     timeout: float
+    #: JSON Schema of the reply's ``content``; ``"ack"`` when the answer is an ``ack``;
+    #: None when not declared
+    reply: dict[str, Any] | str | None = None
+    #: ``type`` of the reply frame (the request's own unless declared, ``"ack"`` for an
+    #: ack); None when the answer is not declared
+    reply_type: str | None = None
+    #: JSON Schema of each ``chunk`` frame's ``content`` when the handler streams, else None
+    chunks: dict[str, Any] | None = None
+    #: error codes declared beyond :data:`COMMON_ERRORS`, in :class:`ErrorCode` order
+    errors: tuple[ErrorCode, ...] = ()
+
+    def error_codes(self) -> tuple[ErrorCode, ...]:
+        """Every code a request of this type may be answered with, in :class:`ErrorCode`
+        order: :data:`COMMON_ERRORS`, ``forbidden`` when it needs a permission, and the
+        declared ones."""
+        codes = COMMON_ERRORS | set(self.errors)
+        if self.permission is not None:
+            codes |= {ErrorCode.FORBIDDEN}
+        return tuple(code for code in ErrorCode if code in codes)
 
 
 class StashKey(Generic[T]):

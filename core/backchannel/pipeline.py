@@ -14,7 +14,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +62,24 @@ class TypeEntry:
     permission: str | None
     timeout: float
     schema: dict[str, Any] | None
+    #: the declared contract of the answer (see :class:`~backchannel.model.MessageType`)
+    reply: dict[str, Any] | str | None = None
+    reply_type: str | None = None
+    chunks: dict[str, Any] | None = None
+    errors: tuple[ErrorCode, ...] = ()
 
     def describe(self) -> MessageType:
-        return MessageType(self.name, self.plugin, self.schema, self.permission, self.timeout)
+        return MessageType(
+            self.name,
+            self.plugin,
+            self.schema,
+            self.permission,
+            self.timeout,
+            self.reply,
+            self.reply_type,
+            self.chunks,
+            self.errors,
+        )
 
 
 @dataclass(slots=True)
@@ -146,10 +161,15 @@ class Pipeline:
                 permission: str | None = None,
                 handler: Callable[..., Any] | None = None,
                 timeout: float | None = None,
+                reply: dict[str, Any] | str | None = None,
+                reply_type: str | None = None,
+                chunks: dict[str, Any] | None = None,
+                errors: Iterable[ErrorCode | str] | None = None,
             ) -> None:
-                types[name] = self._entry(
+                entry = self._entry(
                     plugin, name, schema, permission, handler, timeout, types, owners
                 )
+                types[name] = self._contract(entry, reply, reply_type, chunks, errors)
 
             return {"register": register}
 
@@ -197,11 +217,7 @@ class Pipeline:
             handler = self.gateway.implementation("handle", plugin, _ARGS)
         elif not callable(handler):
             raise StartupError(f"{what} with a handler that is not callable")
-        try:
-            validator = compile_schema(schema) if schema else None
-        except Exception as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            raise StartupError(f"{what}: its schema is invalid: {first_line}") from exc
+        validator = self._compiled(what, "schema", schema) if schema else None
         return TypeEntry(
             name,
             plugin,
@@ -211,6 +227,75 @@ class Pipeline:
             self.timeout if timeout is None else float(timeout),
             schema,
         )
+
+    def _contract(
+        self,
+        entry: TypeEntry,
+        reply: dict[str, Any] | str | None,
+        reply_type: str | None,
+        chunks: dict[str, Any] | None,
+        errors: Iterable[ErrorCode | str] | None,
+    ) -> TypeEntry:
+        """The answer ``register(...)`` declares (reply, chunks, error codes), checked."""
+        frame_types = {"ack", "chunk", "error"}  # the kernel's own answers: no reply_type
+        codes = [code.value for code in ErrorCode]
+        what = f"plugin {entry.plugin!r} registers type {entry.name!r}"
+        if chunks is not None:
+            if not isinstance(chunks, dict):
+                raise StartupError(f"{what} with chunks that are not a JSON Schema (dict)")
+            self._compiled(what, "chunks schema", chunks)
+            if reply is None:
+                reply = "ack"  # a streaming handler's terminal answer
+            elif reply != "ack":
+                raise StartupError(
+                    f"{what} with chunks and a reply: a streaming handler is answered "
+                    "'ack' after its last chunk (leave reply out)"
+                )
+        if reply == "ack":
+            if reply_type is not None:
+                raise StartupError(f"{what} with reply 'ack' and a reply_type: leave it out")
+            reply_type = "ack"
+        elif isinstance(reply, dict):
+            self._compiled(what, "reply schema", reply)
+            if reply_type is None:
+                reply_type = entry.name
+            elif (
+                not isinstance(reply_type, str)
+                or not self._type_name.is_valid(reply_type)
+                or reply_type in frame_types
+            ):
+                raise StartupError(
+                    f"{what} with reply_type {reply_type!r}: a message type name other than "
+                    f"{', '.join(sorted(frame_types))} (for an ack, reply='ack')"
+                )
+        elif reply is not None:
+            raise StartupError(
+                f"{what} with reply {reply!r}: the reply content's JSON Schema (dict), or 'ack'"
+            )
+        elif reply_type is not None:
+            raise StartupError(f"{what} with a reply_type but no reply (its content's schema)")
+        entry.reply, entry.reply_type, entry.chunks = reply, reply_type, chunks
+        if errors is not None:
+            if isinstance(errors, str) or not isinstance(errors, Iterable):
+                raise StartupError(f"{what} with errors {errors!r}: a list of error codes")
+            declared = set()
+            for code in errors:
+                if code not in codes:
+                    raise StartupError(
+                        f"{what} with error code {code!r}, which is not one of: " + ", ".join(codes)
+                    )
+                declared.add(ErrorCode(code))
+            entry.errors = tuple(code for code in ErrorCode if code in declared)
+        return entry
+
+    @staticmethod
+    def _compiled(what: str, label: str, schema: dict[str, Any]) -> Validator:
+        """``schema`` compiled, or a start-up error naming ``what`` registered it."""
+        try:
+            return compile_schema(schema)
+        except Exception as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise StartupError(f"{what}: its {label} is invalid: {first_line}") from exc
 
     # --------------------------------------------------------------- process
 
@@ -249,7 +334,12 @@ class Pipeline:
                 pending = validate(message, conn)
                 if pending is not None:
                     return Rest(entry, pending, True)
-            result = _call_handler(entry, message, conn)
+            try:  # (inline: the handler's failure names its plugin)
+                result = entry.handler(message, conn)
+            except BackchannelError:
+                raise
+            except Exception as exc:
+                raise HookFailed("handle", entry.plugin, exc) from exc
             if (
                 result is not None
                 and type(result) is not dict

@@ -8,6 +8,7 @@ module (registered as it is).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -54,8 +55,10 @@ def load(name: str, available: dict[str, PluginInfo] | None = None) -> Any:
     info = available.get(name)
     if info is None:
         names = ", ".join(sorted(available)) or "none"
+        close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise StartupError(
-            f"plugin {name!r} is enabled in config but not installed "
+            f"plugin {name!r} is enabled in config but not installed{hint} "
             f"(installed plugins: {names}); install the distribution "
             f"'backchannel-{name}' (pip install backchannel-{name}) or remove it from "
             f"plugins.enabled"

@@ -11,6 +11,12 @@ Two drivers give the same behaviour:
 Each owns the handshake timeout, the closing timeout and the send-side
 backpressure signal (``blocked_since``). What happens with a message is up to the
 :class:`Endpoint` the factory makes (the kernel's ``Connection``, or a test echo).
+
+A connection serves one HTTP request: a WebSocket handshake, or a plain ``GET`` for
+a route (:func:`route`), answered with ``Connection: close``; whatever the client
+sends after that request is ignored (see :class:`~.websocket.Wire`). While more than
+:data:`HIGH_WATER` bytes wait for the peer, its pings are not answered one by one
+(``Wire.hold_pongs``): a client that does not read cannot make pongs pile up.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ __all__ = [
     "AsyncioDriver",
     "Endpoint",
     "ServerOptions",
+    "HIGH_WATER",
     "TcpListener",
     "options_for",
     "route",
@@ -51,6 +58,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("backchannel.server")
+
+#: bytes waiting for the peer past which it counts as not reading, for pongs (asyncio's
+#: default write-buffer high-water mark, which the asyncio driver gets from its transport)
+HIGH_WATER = 65536
+#: what reading or writing a stream raises once the peer is gone (reset, closed)
+_GONE = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 
 class Endpoint(Protocol):
@@ -79,17 +92,18 @@ class ServerOptions:
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     routes: dict[str, RouteHandler] = field(default_factory=dict)
-    on_connection: Callable[[], bool] = lambda: True
     #: called with the HTTP status (as text) of a refused handshake, or "timeout"
     on_reject: Callable[[str], None] = lambda reason: None
 
 
 async def route(options: ServerOptions, request: HttpRequest) -> HttpResponse:
-    """Answer a plain HTTP request from the route table (404 when no route matches; 500,
-    logged, when the route fails)."""
+    """The answer to a plain HTTP request: the route's, 404, or 405 for a method other
+    than GET (routes are GET only; a crashing route is logged and answered 500)."""
     handler = options.routes.get(request.path)
     if handler is None:
         return HttpResponse(404, b"not found\n")
+    if request.method != "GET":
+        return HttpResponse(405, b"only GET is served\n", headers={"Allow": "GET"})
     try:
         result = handler(request)
         if isinstance(result, Awaitable):
@@ -258,7 +272,8 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         self.wire.receive_eof()
         self._flush()
-        return None
+        # A client may half-close after its request: keep the socket to send the answer.
+        return True if self.wire.answering else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -270,9 +285,12 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.blocked_since = time.monotonic()
+        self.wire.hold_pongs = True
 
     def resume_writing(self) -> None:
         self.blocked_since = None
+        self.wire.hold_pongs = False
+        self._flush()  # the pong held while the peer was not reading
 
     def _opened(self, request: HttpRequest) -> None:
         self._cancel_timer()
@@ -305,7 +323,9 @@ class AsyncioDriver(_DriverBase, asyncio.Protocol):
                     transport.write(chunk)
                 elif transport.can_write_eof():
                     transport.write_eof()
-        if self._timer is None and self.wire.close_expected():
+        if self.wire.is_closed:  # both sides ended (an answer sent after the client's EOF)
+            transport.close()
+        elif self._timer is None and self.wire.close_expected():
             self._timer = self.runtime.loop.call_later(self.options.close_timeout, self._abort)
 
     def _abort(self) -> None:
@@ -349,13 +369,15 @@ class AnyioDriver(_DriverBase):
         except Exception:
             self.remote = None
         self._out: deque[bytes] = deque()
+        self._queued = 0  # bytes in _out and in the send under way
         self._wake = anyio.Event()
         self._eof = False
         self._handshaken = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
         self._pending_http: HttpRequest | None = None
         #: the reader's scope once open: a closing handshake gives it close_timeout
         self._read_scope: anyio.CancelScope | None = None
+        #: the whole reader's: the writer cancels it when the peer is gone
+        self._reading = anyio.CancelScope()
 
     def _opened(self, request: HttpRequest) -> None:
         group = self._server_group
@@ -368,8 +390,10 @@ class AnyioDriver(_DriverBase):
         self._handshaken.set()
 
     def _flush(self) -> None:
-        for chunk in self.wire.data_to_send():
-            self._out.append(chunk)
+        chunks = self.wire.data_to_send()
+        self._out.extend(chunks)
+        self._queued += sum(map(len, chunks))
+        self.wire.hold_pongs = self._queued > HIGH_WATER
         self._wake.set()
         self._arm_close_timeout()
 
@@ -399,10 +423,18 @@ class AnyioDriver(_DriverBase):
                 chunks.append(chunk)
             if chunks:
                 self.blocked_since = time.monotonic()
+                data = b"".join(chunks)
                 try:
-                    await stream.send(b"".join(chunks))
+                    await stream.send(data)
+                except _GONE:  # nothing more can be written: stop reading too
+                    log.debug("connection from %s: peer gone while writing", self.remote)
+                    self._out.clear()
+                    self._reading.cancel()
+                    return
                 finally:
                     self.blocked_since = None
+                self._queued -= len(data)
+                self._flush()  # (with a pong held while more than HIGH_WATER waited)
             if self._eof:
                 with contextlib.suppress(Exception):  # the peer may be gone already
                     await stream.send_eof()
@@ -414,7 +446,7 @@ class AnyioDriver(_DriverBase):
             while not self._handshaken.is_set() and not self.wire.is_closed:
                 try:
                     data = await stream.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                except _GONE:
                     self.wire.receive_eof()
                     return
                 await self._take(data)
@@ -435,7 +467,7 @@ class AnyioDriver(_DriverBase):
     async def _read_once(self) -> bool:
         try:
             data = await self.stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except _GONE:
             self.wire.receive_eof()
             self._flush()
             return False
@@ -451,9 +483,11 @@ class AnyioDriver(_DriverBase):
     async def serve(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
                 tg.start_soon(self._writer)
-                await self._reader()
+                with self._reading:
+                    await self._reader()
+                if self._reading.cancel_called:  # the writer found the peer gone
+                    self.wire.receive_eof()
                 if self.endpoint is not None:
                     code = self.wire.close_code
                     self.endpoint.on_closed(1006 if code is None else int(code))
@@ -483,7 +517,11 @@ async def serve_anyio(
     started(int(bound))
 
     async def handle(stream: anyio.abc.SocketStream) -> None:
-        await AnyioDriver(options, stream, task_group).serve()
+        driver = AnyioDriver(options, stream, task_group)
+        try:
+            await driver.serve()
+        except Exception:  # a bug ends this connection, not the listener and every other one
+            log.exception("connection from %s failed", driver.remote)
 
     async with listener:
         await listener.serve(handle, task_group=task_group)

@@ -10,6 +10,7 @@ request with its original answer instead of running it twice.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -41,17 +42,14 @@ class Clock:
     """Frame ids and timestamps of one App (the timestamp text is cached per millisecond:
     most frames of a busy second share it)."""
 
-    __slots__ = ("_boot", "_next", "_ms", "_text")
+    __slots__ = ("boot", "ids", "_ms", "_text")
 
     def __init__(self) -> None:
-        self._boot = os.urandom(3).hex()
-        self._next = 0
+        #: frame ids are ``<boot>-<n>``: unique per App start
+        self.boot = os.urandom(3).hex()
+        self.ids = itertools.count(1)
         self._ms = -1
         self._text = ""
-
-    def frame_id(self) -> str:
-        self._next += 1
-        return f"{self._boot}-{self._next}"
 
     def now_iso(self) -> str:
         """UTC time with milliseconds, ISO 8601 (``2026-11-25T10:00:00.123Z``)."""
@@ -150,13 +148,14 @@ class Session:
         safe retries.
         """
         hub = self._hub
+        clock = hub.clock
         seq = self.seq + 1
-        frame: dict[str, Any] = {"id": hub.clock.frame_id(), "type": type}
+        frame: dict[str, Any] = {"id": f"{clock.boot}-{next(clock.ids)}", "type": type}
         if reply_to is not None or type == "error":
             frame["replyTo"] = reply_to
         frame["content"] = content
         frame["seq"] = seq
-        frame["timestamp"] = hub.clock.now_iso()
+        frame["timestamp"] = clock.now_iso()
         data = encode(frame)
         self.seq = seq
         self.log.append(seq, data, self._write)  # the log delivers it once kept

@@ -5,10 +5,24 @@ Drivers (:mod:`backchannel.server`) feed bytes in and write out what
 :class:`~backchannel.http.HttpRequest`, and close codes. Fragmented messages are
 reassembled here, and text is checked as UTF-8 (RFC 6455 §8.1, close 1007).
 :class:`ClientWire` does the same for the client side (:mod:`backchannel.client`).
+
+Two things the server side does differently from websockets' own ``ServerProtocol``,
+so that no bytes a client sends can make the server hold more than a bounded amount
+or reach an inconsistent state (issue 11):
+
+* one HTTP request per connection: websockets sees exactly one request head; bytes
+  after it wait for its answer (frames, after a 101) or are ignored (after any other
+  answer), so junk or a pipelined second request behind ``GET /healthz`` cannot start
+  a second answer;
+* pings are answered by the :class:`Wire`, not by websockets: at once, in order,
+  while the peer reads; while the driver reports that it does not
+  (:attr:`Wire.hold_pongs`), only the latest ping keeps a pong waiting, sent once it
+  reads again (RFC 6455 §5.5.3), so a ping flood cannot queue pongs.
 """
 
 from __future__ import annotations
 
+import enum
 import http
 import logging
 import os
@@ -34,17 +48,21 @@ __all__ = ["COMPRESSIONS", "SUBPROTOCOL", "ClientWire", "Wire", "WireSink"]
 SUBPROTOCOL = "backchannel.v1"
 _log = logging.getLogger("backchannel.websocket")
 _log.setLevel(logging.WARNING)  # websockets logs every open/close at INFO
-_TEXT, _BINARY, _CONT, _PONG, _CLOSE = (
+_TEXT, _BINARY, _CONT, _PING, _PONG = (
     Opcode.TEXT,
     Opcode.BINARY,
     Opcode.CONT,
+    Opcode.PING,
     Opcode.PONG,
-    Opcode.CLOSE,
 )
 
 
-#: messages of one connection handed to the kernel in a row before others get a turn
+#: frames of one connection handled in a row (messages handed to the kernel, pings,
+#: fragments) before other connections get a turn
 BATCH = 64
+#: bytes given to websockets' parser at a time: a flood of tiny frames (6 bytes each) is
+#: parsed at most ~680 frames (~2 ms) per turn, and at most that many wait in the backlog
+FEED_SIZE = 4096
 #: bytes of request line and headers accepted (nginx allows 32 KB, Node.js 16 KB)
 MAX_HANDSHAKE_SIZE = 65536
 #: websockets' handshake size limits (8 KB per line, 128 headers) -> the status it answered
@@ -84,12 +102,39 @@ def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str
 class WireSink(Protocol):
     """What the wire calls with complete incoming events."""
 
-    def on_request(self, request: HttpRequest) -> None: ...
+    def on_request(self, request: HttpRequest) -> None:
+        """The request head: answer it with :meth:`Wire.accept` or :meth:`Wire.respond`."""
 
     def on_message(self, payload: str | bytes) -> None: ...
 
     def on_refused(self, status: int | None, why: str) -> None:
         """A request too large (``status`` 414/431, already answered) or not HTTP (None)."""
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' ``ServerProtocol``, except that a ping is handed over as an event
+    instead of being answered at once: :class:`Wire` answers it (see
+    :attr:`Wire.hold_pongs`)."""
+
+    def recv_frame(self, frame: Frame) -> None:
+        if frame.opcode is _PING:
+            self.events.append(frame)
+        else:
+            super().recv_frame(frame)
+
+
+class _Stage(enum.Enum):
+    """Where a server connection is, as far as the bytes it receives are concerned."""
+
+    #: reading the request head: bytes go to websockets up to the blank line ending it
+    HEAD = enum.auto()
+    #: the request went to the sink; until it is answered, bytes are ignored and an EOF
+    #: waits (a client may half-close after its request and still read the answer)
+    ANSWERING = enum.auto()
+    #: accepted (101): bytes are WebSocket frames
+    WEBSOCKET = enum.auto()
+    #: answered with plain HTTP, or refused: bytes are ignored until the peer closes
+    DONE = enum.auto()
 
 
 class _Side:
@@ -100,7 +145,9 @@ class _Side:
     _protocol: ServerProtocol | ClientProtocol
 
     def _init_side(self) -> None:
-        self._parts: list[bytes] = []
+        #: the fragments of the message being reassembled: one buffer, so that a flood of
+        #: empty fragments costs nothing (websockets bounds its size by max_size)
+        self._parts = bytearray()
         self._opcode: Opcode | None = None
         #: payload of the last ping without a pong yet (heartbeat).
         self.ping_outstanding: bytes | None = None
@@ -138,15 +185,15 @@ class _Side:
         if opcode is _TEXT or opcode is _BINARY:
             if not frame.fin:
                 self._opcode = opcode
-                self._parts = [bytes(frame.data)]
+                self._parts = bytearray(frame.data)
                 return None
             data = bytes(frame.data)
         elif opcode is _CONT:
-            self._parts.append(bytes(frame.data))
+            self._parts += frame.data
             if not frame.fin:
                 return None
-            data = b"".join(self._parts)
-            self._parts = []
+            data = bytes(self._parts)
+            self._parts = bytearray()
             opcode = self._opcode  # type: ignore[assignment]
         else:
             if opcode is _PONG and frame.data == self.ping_outstanding:
@@ -183,9 +230,26 @@ class _Side:
 
 
 class Wire(_Side):
-    """One server-side WebSocket connection's protocol state (no I/O)."""
+    """One server-side WebSocket connection's protocol state (no I/O).
 
-    __slots__ = ("_sink", "_request", "subprotocol", "_parsed", "_head", "_backlog")
+    One HTTP request per connection: its head is parsed, handed to the sink, and answered
+    with a WebSocket handshake (:meth:`accept`) or plain HTTP (:meth:`respond`); what the
+    client sends after the head is ignored unless the answer is a 101 (then it is frames).
+    """
+
+    __slots__ = (
+        "_sink",
+        "_request",
+        "subprotocol",
+        "_stage",
+        "_head",
+        "_tail",
+        "_eof_waiting",
+        "_backlog",
+        "_unfed",
+        "_pong",
+        "hold_pongs",
+    )
 
     _protocol: ServerProtocol
 
@@ -200,7 +264,7 @@ class Wire(_Side):
         allowed: list[str | None] | None = None
         if origins is not None:
             allowed = [None if o == "null" else o for o in origins]
-        self._protocol = ServerProtocol(
+        self._protocol = _ServerProtocol(
             origins=allowed,  # type: ignore[arg-type]
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             select_subprotocol=_select_subprotocol,  # type: ignore[arg-type]
@@ -213,8 +277,16 @@ class Wire(_Side):
         self._request: Request | None = None
         self.subprotocol: str | None = None
         self._backlog: deque[Request | Frame | Response] = deque()  # events not handed over yet
-        self._parsed = False  # a request was parsed, or the failure to parse one reported
-        self._head = 0  # bytes received before the request was parsed
+        self._stage = _Stage.HEAD
+        self._head = 0  # bytes of the request head received
+        self._tail = b""  # its last 3 bytes (the blank line ending it may span two reads)
+        self._eof_waiting = False  # the peer half-closed before what it sent was handled
+        #: bytes received and not given to the parser yet (see FEED_SIZE)
+        self._unfed = memoryview(b"")
+        self._pong: bytes | None = None  # the payload of the latest ping held unanswered
+        #: set by the driver while the peer is not reading (its send buffer is full): then
+        #: pings are not answered one by one, the latest one waits for its pong
+        self.hold_pongs = False
 
     @property
     def close_code(self) -> int | None:
@@ -228,80 +300,152 @@ class Wire(_Side):
             return sent.code
         return protocol.close_code
 
+    @property
+    def answering(self) -> bool:
+        """The request was handed to the sink and is not answered yet."""
+        return self._stage is _Stage.ANSWERING
+
     # --------------------------------------------------------------- incoming
 
     def receive_data(self, data: bytes) -> bool:
         """Feed bytes from the network; complete events go to the sink.
 
-        At most :data:`BATCH` messages are handed over per call; True means more
-        wait, to be handed over by :meth:`deliver` once other connections had a turn
-        (one read can hold thousands of small requests).
+        At most :data:`BATCH` frames are handled per call, parsed :data:`FEED_SIZE` bytes
+        at a time; True means more wait, to be handled by :meth:`deliver` once other
+        connections had a turn (one read can hold thousands of small frames).
         """
+        stage = self._stage
+        if stage is _Stage.HEAD:
+            return self._receive_head(data)
+        if stage is not _Stage.WEBSOCKET:  # one request per connection: the rest is ignored
+            return False
+        if self._unfed or len(data) > FEED_SIZE:
+            self._unfed = memoryview(bytes(self._unfed) + data if self._unfed else data)
+            return self.deliver()
         protocol = self._protocol
-        if not self._parsed:
-            self._head += len(data)
-            if self._head > MAX_HANDSHAKE_SIZE:  # websockets' line limits alone let ~1 MB in
-                self._parsed = True
-                why = f"request head larger than {MAX_HANDSHAKE_SIZE} bytes"
-                protocol.send_response(
-                    protocol.reject(431, f"Failed to open a WebSocket connection: {why}.\n")
-                )
-                self._sink.on_refused(431, why)
-                return False
         protocol.receive_data(data)
         events = protocol.events_received()
-        if len(events) == 1 and not self._backlog and isinstance(events[0], Frame):
+        if len(events) == 1 and not self._backlog:
             # the common case, one message per read: no backlog bookkeeping
-            message = self._message(events[0])
+            message = self._message(events[0])  # type: ignore[arg-type]  # (a frame)
             if message is not None:
                 self._sink.on_message(message)
             return False
         self._backlog.extend(events)
-        more = self.deliver()
+        return self.deliver()
+
+    def _receive_head(self, data: bytes) -> bool:
+        """Give websockets the request head, and nothing after it: what follows is frames
+        once the handshake is accepted (a client may send them without waiting for the
+        101), and ignored otherwise."""
+        protocol = self._protocol
+        window = self._tail + data
+        end = window.find(b"\r\n\r\n")  # the first blank line ends the head (RFC 9112 §2.1)
+        if end < 0:
+            head, rest = data, b""
+            self._tail = window[-3:]
+        else:
+            cut = end + 4 - len(self._tail)
+            head, rest = data[:cut], data[cut:]
+        self._head += len(head)
+        if self._head > MAX_HANDSHAKE_SIZE:  # websockets' line limits alone let ~1 MB in
+            self._stage = _Stage.DONE
+            why = f"request head larger than {MAX_HANDSHAKE_SIZE} bytes"
+            protocol.send_response(
+                protocol.reject(431, f"Failed to open a WebSocket connection: {why}.\n")
+            )
+            self._sink.on_refused(431, why)
+            return False
+        protocol.receive_data(head)
+        self._backlog.extend(protocol.events_received())
+        more = self.deliver()  # the request, if complete: the sink answers it or will
         exc = protocol.handshake_exc
-        if exc is not None and not self._parsed:  # websockets refused what it could not parse
-            self._parsed = True
+        if self._stage is _Stage.HEAD and exc is not None:  # websockets could not parse it
+            self._stage = _Stage.DONE
             self._sink.on_refused(_TOO_LARGE.get(type(exc).__name__), str(exc))
+        if rest and self._stage is _Stage.WEBSOCKET:
+            more = self.receive_data(rest) or more
         return more
 
     def deliver(self) -> bool:
-        """Hand up to :data:`BATCH` waiting messages to the sink; True when more wait."""
+        """Handle up to :data:`BATCH` waiting frames; True when more wait."""
         backlog = self._backlog
-        handed = 0
-        while backlog:
-            event = backlog.popleft()
-            if isinstance(event, Request):
-                self._request = event
-                self._parsed = True
-                headers = {k.lower(): v for k, v in event.headers.raw_items()}
-                self._sink.on_request(HttpRequest("GET", event.path, headers))
-            elif isinstance(event, Frame):  # (a server never receives a Response)
-                message = self._message(event)
-                if message is not None:
-                    self._sink.on_message(message)
-                    handed += 1
-                    if handed >= BATCH and backlog:
+        handled = 0
+        while True:
+            while backlog:
+                event = backlog.popleft()
+                if isinstance(event, Request):
+                    self._request = event
+                    self._stage = _Stage.ANSWERING
+                    headers = {k.lower(): v for k, v in event.headers.raw_items()}
+                    self._sink.on_request(HttpRequest(event.method, event.path, headers))
+                elif isinstance(event, Frame):  # (a server never receives a Response)
+                    message = self._message(event)
+                    if message is not None:
+                        self._sink.on_message(message)
+                    handled += 1
+                    if handled >= BATCH and (backlog or self._unfed):
                         return True
-        return False
+            unfed = self._unfed
+            if not unfed:
+                return False
+            self._unfed = unfed[FEED_SIZE:]
+            protocol = self._protocol
+            protocol.receive_data(bytes(unfed[:FEED_SIZE]))
+            backlog.extend(protocol.events_received())
+            if not self._unfed and self._eof_waiting:
+                super().receive_eof()
+
+    def _message(self, frame: Frame) -> str | bytes | None:
+        if frame.opcode is _PING:
+            self._pong = bytes(frame.data)
+            if not self.hold_pongs:
+                self._send_pong()
+            return None
+        return super()._message(frame)
+
+    def _send_pong(self) -> None:
+        payload, self._pong = self._pong, None
+        protocol = self._protocol
+        if payload is not None and protocol.state is State.OPEN and not protocol.eof_sent:
+            protocol.send_pong(payload)  # (closing: no answer needed)
+
+    def receive_eof(self) -> None:
+        """The peer closed its side of the TCP connection (taken once what it sent before
+        is parsed, and its request answered)."""
+        if self._stage is _Stage.ANSWERING or self._unfed:
+            self._eof_waiting = True
+        else:
+            super().receive_eof()
 
     # --------------------------------------------------------------- outgoing
 
+    def data_to_send(self) -> list[bytes]:
+        """Bytes to write, in order; an empty bytes object means half-close (EOF). Once
+        :attr:`hold_pongs` is cleared, the pong held for the latest ping comes last."""
+        if self._pong is not None and not self.hold_pongs:
+            self._send_pong()
+        return self._protocol.data_to_send()
+
     def accept(self, extra_headers: dict[str, str] | None = None) -> HttpResponse | None:
         """Answer the handshake; return the rejection sent instead, if any (origin, bad request)."""
-        assert self._request is not None
+        assert self._request is not None and self._stage is _Stage.ANSWERING
         response = self._protocol.accept(self._request)
         if extra_headers:
             for name, value in extra_headers.items():
                 response.headers[name] = value
-        self._protocol.send_response(response)
         self._request = None
+        self._answer(response)
         if response.status_code != 101:
             return HttpResponse(response.status_code, bytes(response.body or b""))
         self.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
         return None
 
     def respond(self, response: HttpResponse) -> None:
-        """Answer the request with plain HTTP instead of a WebSocket handshake."""
+        """Answer the request with plain HTTP instead of a WebSocket handshake (nothing
+        happens if it is answered already)."""
+        if self._stage is not _Stage.ANSWERING:
+            return
         status = http.HTTPStatus(response.status)
         headers = Headers()
         headers["Content-Type"] = response.content_type
@@ -309,7 +453,14 @@ class Wire(_Side):
         headers["Connection"] = "close"
         for name, value in response.headers.items():
             headers[name] = value
-        self._protocol.send_response(Response(status.value, status.phrase, headers, response.body))
+        self._request = None
+        self._answer(Response(status.value, status.phrase, headers, response.body))
+
+    def _answer(self, response: Response) -> None:
+        self._protocol.send_response(response)  # anything but a 101 half-closes
+        self._stage = _Stage.WEBSOCKET if response.status_code == 101 else _Stage.DONE
+        if self._eof_waiting:
+            super().receive_eof()
 
     def send_binary(self, data: bytes) -> bool:
         """Queue one binary message (the conformance fixture's echo only)."""

@@ -52,6 +52,8 @@ export class FakeServer {
     this.refuseResume = null;
     /** Answer every init with this error code (e.g. "unauthorized"). */
     this.refuseInit = null;
+    /** Answer the next `count` inits with error `code` ("not now": overloaded, ...). */
+    this.busy = { count: 0, code: "overloaded", retryAfter: undefined };
     /** Replay this many frames more than asked for on resume (a sloppy server). */
     this.replayOverlap = 0;
     /** Handlers per type: (content, session) => {type, content} | {error} | undefined. */
@@ -184,13 +186,22 @@ export class FakeServer {
     let session = socket.session;
     if (message.type === "init") {
       const c = message.content || {};
+      if (this.busy.count > 0) {
+        this.busy.count -= 1;
+        const { code, retryAfter } = this.busy;
+        const content = { code, message: "not now", ...(retryAfter === undefined ? {} : { retryAfter }) };
+        this._send(session, { type: "error", replyTo: message.id, content });
+        return;
+      }
       const refusal = this.refuseInit || (c.sessionId ? this.refuseResume : null);
       if (refusal) {
         const content = { code: refusal, message: `init refused: ${refusal}` };
         this._send(session, { type: "error", replyTo: message.id, content });
         return;
       }
-      const old = c.sessionId ? this.sessions.get(c.sessionId) : undefined;
+      // a session of another broker epoch (the broker lost its state) cannot be resumed
+      const sameEpoch = c.epoch === undefined || c.epoch === this.epoch;
+      const old = c.sessionId && sameEpoch ? this.sessions.get(c.sessionId) : undefined;
       if (this.resume && old && old !== session && c.lastSeq <= old.seq) {
         if (old.socket && old.socket !== socket) this._closed(old.socket, 4009, "session taken over");
         this.sessions.delete(session.id);
@@ -206,12 +217,12 @@ export class FakeServer {
         this._send(session, {
           type: "init",
           replyTo: message.id,
-          content: { sessionId: session.id, resumed: true, missed: missed.length, server: {} },
+          content: { sessionId: session.id, resumed: true, missed: missed.length, epoch: this.epoch, server: {} },
         });
         return;
       }
-      const content = { sessionId: session.id, resumed: false, missed: 0, server: {} };
-      if (c.sessionId) content.reason = this.notResumed;
+      const content = { sessionId: session.id, resumed: false, missed: 0, epoch: this.epoch, server: {} };
+      if (c.sessionId) content.reason = sameEpoch ? this.notResumed : "epoch_changed";
       this._send(session, { type: "init", replyTo: message.id, content });
       return;
     }

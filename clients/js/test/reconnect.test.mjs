@@ -124,7 +124,7 @@ describe("backoff", () => {
 });
 
 describe("resume and resend", () => {
-  it("resumes with init {sessionId, lastSeq} and reports missed", async () => {
+  it("resumes with init {sessionId, lastSeq, epoch} and reports missed", async () => {
     const server = new FakeServer();
     const { client, states } = await open(server, { token: "jwt" });
     await client.request("text", { text: "one" });
@@ -141,6 +141,7 @@ describe("resume and resend", () => {
       client: { name: "backchannel.js", version: "0.1.0" },
       sessionId: "s-1",
       lastSeq,
+      epoch: "e1",
       token: "jwt",
     });
     assert.deepEqual(names(states), ["connecting", "connected", "reconnecting", "resumed"]);

@@ -36,7 +36,9 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
-        register("init", schema=load_schema("backchannel_init", "init.schema.json"))
+        schema = load_schema("backchannel_init", "init.schema.json")
+        # forbidden: resuming another principal's session
+        register("init", schema=schema, reply=schema["$defs"]["reply"], errors=["forbidden"])
 
     def __init__(self) -> None:
         self.app: App | None = None

@@ -124,10 +124,13 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
+        schema = load_schema(_PKG, "auth.refresh.schema.json")
         register(
             "auth.refresh",
-            schema=load_schema(_PKG, "auth.refresh.schema.json"),
+            schema=schema,
             handler=self.refresh,
+            reply=schema["$defs"]["reply"],
+            errors=["forbidden"],  # a token naming another principal
         )
 
     @hookimpl(tryfirst=True)  # outermost: the principal is settled before anything else runs

@@ -218,6 +218,7 @@ async def test_sent_by_type_counts_every_frame_when_enabled() -> None:
     assert value(samples, sent, type="pong", outcome="delivered") == 1
 
 
+@pytest.mark.server_fault
 async def test_plugin_hook_failures_are_counted_by_plugin() -> None:
     class Flaky:
         @hookimpl
@@ -274,6 +275,7 @@ class Handlers:
         await anyio.sleep(10)
 
 
+@pytest.mark.server_fault
 async def test_latency_is_measured_until_the_terminal_answer_for_every_handler_kind() -> None:
     app = make_app(plugins=["monitoring", Handlers()])
     async with serve_in_memory(app), connect(app) as client:
@@ -664,6 +666,7 @@ async def _points(page: Any, selector: str, n: int) -> bool:
 # ------------------------------------------- kernel facilities the plugin relies on
 
 
+@pytest.mark.server_fault
 async def test_app_spawn_runs_tasks_from_startup_on_and_survives_their_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -20,7 +20,8 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
-        register("ping", schema=load_schema("backchannel_ping", "ping.schema.json"))
+        schema = load_schema("backchannel_ping", "ping.schema.json")
+        register("ping", schema=schema, reply=schema["$defs"]["reply"], reply_type="pong")
 
     @hookimpl
     def handle(self, message: Message, connection: Connection) -> Reply:

@@ -87,10 +87,25 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
-        register("join", schema=load_schema(_PKG, "join.schema.json"), handler=self.join)
-        register("leave", schema=load_schema(_PKG, "leave.schema.json"), handler=self.leave)
+        join = load_schema(_PKG, "join.schema.json")
+        presence = load_schema(_PKG, "presence.schema.json")
+        # forbidden: without rooms:<action>:<room>, or past max_rooms_per_session
         register(
-            "presence", schema=load_schema(_PKG, "presence.schema.json"), handler=self.presence
+            "join",
+            schema=join,
+            handler=self.join,
+            reply=join["$defs"]["reply"],
+            errors=["forbidden"],
+        )
+        register(
+            "leave", schema=load_schema(_PKG, "leave.schema.json"), handler=self.leave, reply="ack"
+        )
+        register(
+            "presence",
+            schema=presence,
+            handler=self.presence,
+            reply=presence["$defs"]["reply"],
+            errors=["forbidden"],
         )
 
     @hookimpl

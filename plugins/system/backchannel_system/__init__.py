@@ -35,11 +35,8 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
-        register(
-            "system",
-            schema=load_schema("backchannel_system", "system.schema.json"),
-            permission=PERMISSION,
-        )
+        schema = load_schema("backchannel_system", "system.schema.json")
+        register("system", schema=schema, permission=PERMISSION, reply=schema["$defs"]["reply"])
 
     @hookimpl
     def handle(self, message: Message, connection: Connection) -> dict[str, Any]:

@@ -20,7 +20,9 @@ class Plugin:
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
-        register("text", schema=load_schema("backchannel_text", "text.schema.json"))
+        schema = load_schema("backchannel_text", "text.schema.json")
+        # forbidden: publishing to a room (rooms plugin) not joined, or without permission
+        register("text", schema=schema, reply=schema["$defs"]["reply"], errors=["forbidden"])
 
     @hookimpl
     def handle(self, message: Message, connection: Connection) -> dict[str, Any]:

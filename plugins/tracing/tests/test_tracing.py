@@ -73,6 +73,7 @@ async def test_sync_request_gets_a_span_with_ids_and_ok(spans: InMemorySpanExpor
     assert len(spans.get_finished_spans()) == 2  # init and text, nothing else
 
 
+@pytest.mark.server_fault
 async def test_handler_errors_set_error_status_and_code(spans: InMemorySpanExporter) -> None:
     app = new_app()
 
@@ -142,6 +143,7 @@ async def test_streaming_span_ends_after_the_last_chunk(spans: InMemorySpanExpor
     assert span.attributes["backchannel.outcome"] == "ok"
 
 
+@pytest.mark.server_fault
 async def test_streaming_failure_marks_the_span(spans: InMemorySpanExporter) -> None:
     app = new_app()
 
