@@ -8,7 +8,14 @@ flood for ``--seconds`` without ever reading what the server sends:
 * ``unread``: ``ping`` requests with fresh ids, back to back (each gets an answer);
 * ``fragments``: one text message in 1-byte fragments, until ``server.max_message_size``
   closes it 1009;
-* ``empty-fragments``: one text message that never ends, in empty fragments.
+* ``empty-fragments``: one text message that never ends, in empty fragments;
+
+and two that read every answer (so each is answered in full, from an open session):
+
+* ``invalid``: ``text`` requests whose content fails the schema (``validation_failed``);
+* ``unauthenticated``: ``text`` requests from a connection without a token, on a server
+  where that connection waits for ``init {token}`` (the jwt plugin, anonymous connections
+  off: :data:`SETTINGS`), each answered ``unauthorized``.
 
 Meanwhile the well-behaved client sends a ``ping`` request as soon as the previous one is
 answered. Reported per kind: the server's VmRSS (``/proc/<pid>/status``) before the
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -38,10 +46,11 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import jwt
 
 from backchannel.testing import RawClient, raw_connect
 
-__all__ = ["KINDS", "Flood", "Server", "flood", "rss_kib", "serve"]
+__all__ = ["KINDS", "SETTINGS", "Flood", "Server", "flood", "rss_kib", "serve"]
 
 ROOT = Path(__file__).resolve().parent.parent
 OP_CONT, OP_TEXT, OP_PING = 0x0, 0x1, 0x9
@@ -156,13 +165,63 @@ async def _empty_fragments(client: RawClient) -> None:
         await client.stream.send(blob)
 
 
+async def _answered(client: RawClient, request: bytes) -> None:
+    """``request`` (with ``%d-%d`` for a fresh id) back to back, in batches of 256, while
+    every answer is read (and dropped): a flood the server answers in full."""
+
+    async def drain() -> None:
+        with suppress(anyio.EndOfStream):
+            while True:
+                await client.stream.receive(1 << 16)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        for batch in range(1_000_000):
+            await client.stream.send(
+                b"".join(frame(OP_TEXT, request % (batch, i)) for i in range(256))
+            )
+        tg.cancel_scope.cancel()
+
+
+async def _invalid(client: RawClient) -> None:
+    await _answered(client, b'{"id":"v%d-%d","type":"text","content":{"bogus":1}}')
+
+
+async def _unauthenticated(client: RawClient) -> None:
+    await _answered(client, b'{"id":"u%d-%d","type":"text","content":{"text":"hi"}}')
+
+
 Attack = Callable[[RawClient], Awaitable[None]]
 KINDS: dict[str, Attack] = {
     "pings": _pings,
     "unread": _unread,
     "fragments": _fragments,
     "empty-fragments": _empty_fragments,
+    "invalid": _invalid,
+    "unauthenticated": _unauthenticated,
 }
+
+#: the secret of the tokens the well-behaved client of an ``unauthenticated`` flood sends
+_SECRET = secrets.token_urlsafe(32)
+#: the server settings a kind needs (``serve(backend, SETTINGS.get(kind))``)
+SETTINGS: dict[str, dict[str, str]] = {
+    "unauthenticated": {
+        "BACKCHANNEL_PLUGINS__ENABLED": json.dumps(
+            ["jwt", "init", "text", "ping", "system", "validation", "rooms"]
+        ),
+        "BACKCHANNEL_AUTH__ALLOW_ANONYMOUS": "false",
+        "BACKCHANNEL_PLUGINS__JWT__ISSUERS": json.dumps(
+            [{"keys": [{"algorithms": ["HS256"], "secret_env": "FLOODS_JWT_SECRET"}]}]
+        ),
+        "FLOODS_JWT_SECRET": _SECRET,
+    }
+}
+
+
+def _token() -> str:
+    """A token the ``unauthenticated`` kind's server accepts (for the well-behaved client)."""
+    claims = {"sub": "well-behaved", "exp": int(time.time()) + 600}
+    return jwt.encode(claims, _SECRET, algorithm="HS256")
 
 
 @dataclass
@@ -214,6 +273,11 @@ async def flood(server: Server, kind: str, attackers: int = 10, seconds: float =
     latencies: list[float] = []
     async with raw_connect(server.port) as good:
         assert await good.handshake() == 101
+        if kind in SETTINGS:  # anonymous connections are off: it sends its token in init
+            init = {"id": "init", "type": "init", "content": {"token": _token()}}
+            await good.stream.send(frame(OP_TEXT, json.dumps(init).encode()))
+            answer = await good.next_message()
+            assert isinstance(answer, dict) and answer["type"] == "init", answer
         for i in range(200):  # warm up: allocations of a served connection settle
             await good.request("ping", {}, id=f"w{i}")
         before = rss_kib(server.pid)
@@ -261,7 +325,8 @@ async def flood(server: Server, kind: str, attackers: int = 10, seconds: float =
 async def _main(args: argparse.Namespace) -> list[Flood]:
     results = []
     for kind in args.kinds.split(","):
-        with serve(args.backend) as server:  # a fresh server per kind: RSS from a clean start
+        # a fresh server per kind: RSS from a clean start
+        with serve(args.backend, SETTINGS.get(kind)) as server:
             result = await flood(server, kind, args.attackers, args.seconds)
             results.append(result)
             if server.tracebacks():

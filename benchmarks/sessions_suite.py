@@ -121,8 +121,11 @@ def run_phases(
         results["broadcast"] = rows
 
     if "resume" in wanted:
-        srv = make("ours-rooms", ours, "uvloop", env)
-        _started(srv, results, env)
+        # 1,000 missed room frames (~200 KB) replayed from the outbox: more than the default
+        # per-session budget (issue 11) keeps, so this phase raises it back to 1 MiB
+        resume_env = env | {"BACKCHANNEL_SESSION__OUTBOX_MAX_BYTES": str(1 << 20)}
+        srv = make("ours-rooms", ours, "uvloop", resume_env)
+        _started(srv, results, resume_env)
         try:
             res = run_resume(
                 srv.url(args.path), args.resume_frames, 2 if quick else args.resume_reps

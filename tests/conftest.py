@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import secrets
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,6 +20,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import jsonschema
+import jwt
 import pytest
 
 from backchannel import App
@@ -186,3 +191,46 @@ async def serve_process(
             process.kill()
         with anyio.CancelScope(shield=True):
             await process.aclose()
+
+
+# ----------------------------------- `backchannel serve --config backchannel.production.toml`
+
+PRODUCTION = ROOT / "backchannel.production.toml"
+ORIGIN = "https://chat.example.com"  # the one origin the file lists
+CLI = str(Path(sys.executable).with_name("backchannel"))
+
+
+def production_environment(backend: str, **settings: str) -> tuple[dict[str, str], str]:
+    """This environment without BACKCHANNEL_* overrides, a fresh JWT secret, the backend
+    and ``settings`` (``BACKCHANNEL_…`` names); and the secret."""
+    secret = secrets.token_urlsafe(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKCHANNEL_")}
+    env |= {"CHAT_JWT_SECRET": secret, "BACKCHANNEL_SERVER__BACKEND": backend, **settings}
+    return env, secret
+
+
+def token_for(secret: str, sub: str) -> str:
+    """A token the production config accepts (what ``backchannel token create`` makes)."""
+    claims = {"sub": sub, "iss": "https://auth.example.com/", "aud": "chat", "permissions": ["*"]}
+    return jwt.encode(claims | {"exp": int(time.time()) + 600}, secret, algorithm="HS256")
+
+
+@asynccontextmanager
+async def production(backend: str, **settings: str) -> AsyncIterator[tuple[ServeProcess, str]]:
+    """``backchannel serve --config backchannel.production.toml`` on a free port."""
+    env, secret = production_environment(backend, **settings)
+    cmd = [CLI, "serve", "--config", str(PRODUCTION), "--host", "127.0.0.1", "--port", "0"]
+    async with serve_process(cmd, env) as served:
+        yield served, secret
+
+
+def records(served: ServeProcess) -> list[dict[str, Any]]:
+    """Every JSON log line the server wrote so far."""
+    lines = bytes(served.log).decode().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def tracebacks(served: ServeProcess) -> list[str]:
+    """Log lines at ERROR or above, or carrying a traceback, and any non-JSON traceback."""
+    bad = [r["msg"] for r in records(served) if r["level"] in ("ERROR", "CRITICAL") or "exc" in r]
+    return bad + (["Traceback in raw output"] if b"Traceback" in served.log else [])

@@ -22,6 +22,7 @@ import anyio.abc
 import pytest
 
 from backchannel import BackchannelError, ErrorCode, hookimpl
+from backchannel.broker import SESSION_COST
 from backchannel.client import (
     Backoff,
     Client,
@@ -518,6 +519,41 @@ async def test_unanswered_request_survives_a_server_side_close() -> None:
     assert len(gate.ids) == (2 if back is State.RESYNCED else 1)
 
 
+async def test_a_session_evicted_for_memory_resyncs_and_its_request_runs_again() -> None:
+    """Over a real server whose session memory fits one session (``session.total_max_bytes``):
+    the client's new connection needs the room, so its old (detached) session is evicted;
+    the resume says ``evicted``, and the unanswered request is re-sent and answered."""
+    app = make_app({"session": {"total_max_bytes": 2 * SESSION_COST + 200}})
+    gate = Gate()
+    app.handler("slow")(gate)
+    states = States()
+    async with (
+        serving(app),
+        connect(url(app.port), on_state=states, backoff=FAST) as client,
+        anyio.create_task_group() as tg,
+    ):
+        first = client.session_id
+        results: list[dict[str, Any]] = []
+
+        async def ask() -> None:
+            results.append(await client.request("slow", {"n": 1}))
+
+        tg.start_soon(ask)
+        with anyio.fail_after(5):
+            await gate.started.wait()
+        kill_all(app)
+        info = await states.wait(State.RESYNCED)
+        assert info == {"sessionId": client.session_id, "previous": first, "reason": "evicted"} | {
+            "resent": 1
+        }
+        with anyio.fail_after(5):  # the re-sent request runs in the new session
+            while len(gate.ids) < 2:
+                await anyio.sleep(0.01)
+        gate.release.set()
+    assert len(results) == 1 and len(set(gate.ids)) == 1
+    assert app.broker.sizes()["evicted"] == 1  # type: ignore[attr-defined]
+
+
 async def test_server_restart_on_the_same_port() -> None:
     states = States()
     async with anyio.create_task_group() as tg:
@@ -754,7 +790,10 @@ async def test_resume_replay_is_deduped_and_only_unanswered_requests_are_resent(
     assert client.last_seq == 6
 
 
-async def test_resume_refused_resyncs_and_resends() -> None:
+@pytest.mark.parametrize("reason", ["trimmed", "evicted"])
+async def test_resume_refused_resyncs_and_resends(reason: str) -> None:
+    """``resumed: false`` for any reason (``evicted``: the server let the session go to stay
+    within ``session.total_max_bytes``): a new session, unanswered requests re-sent."""
     states = States()
     async with peer_client("s-old", 7, on_state=states) as s, anyio.create_task_group() as tg:
         results: list[dict[str, Any]] = []
@@ -766,12 +805,12 @@ async def test_resume_refused_resyncs_and_resends() -> None:
         request = await s.conn.recv()
         await s.conn.drop()
         two = await s.peer.accept()
-        init = await two.answer_init(1, session="s-new", reason="trimmed")
+        init = await two.answer_init(1, session="s-new", reason=reason)
         assert init["content"]["lastSeq"] == 7
         assert await two.recv() == request
         await two.send("text", {"text": "y"}, 2, request["id"])
         info = await states.wait(State.RESYNCED)
-        assert info == {"sessionId": "s-new", "previous": "s-old", "reason": "trimmed", "resent": 1}
+        assert info == {"sessionId": "s-new", "previous": "s-old", "reason": reason, "resent": 1}
     assert results == [{"text": "y"}] and s.client.last_seq == 2
 
 

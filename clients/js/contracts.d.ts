@@ -140,7 +140,7 @@ export interface InitReply {
    * The broker's epoch; send it back when resuming.
    */
   epoch?: string;
-  reason?: "unknown_session" | "expired" | "trimmed" | "epoch_changed" | "ahead" | "not_requested";
+  reason?: "unknown_session" | "expired" | "evicted" | "trimmed" | "epoch_changed" | "ahead" | "not_requested";
   principal?: string;
   server: {
     name: string;

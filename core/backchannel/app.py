@@ -116,6 +116,7 @@ class App:
             outbox_max_bytes=session.outbox_max_bytes,
             dedupe_window=session.dedupe_window,
             dedupe_size=session.dedupe_size,
+            total_max_bytes=session.total_max_bytes,
         )
         self._pipeline = Pipeline(self.settings, self._gateway)
         self._hub = Hub(

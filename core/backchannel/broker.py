@@ -22,7 +22,25 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Broker", "ControlListener", "RoomListener", "SessionLog", "SessionRecord"]
+__all__ = [
+    "ANSWER_COST",
+    "SESSION_COST",
+    "Broker",
+    "ControlListener",
+    "RoomListener",
+    "SessionLog",
+    "SessionRecord",
+]
+
+# What session state costs in a process's memory, for ``session.outbox_max_bytes`` and
+# ``session.total_max_bytes`` (measured with tracemalloc: tests/test_budget.py).
+#: bytes one remembered answer costs beyond its request id's characters: the id's string
+#: header, the packed int (time << 64 | seq << 32 | digest) and its dict entry (in a dict
+#: whose oldest entries keep being replaced, which holds a third more slots than entries)
+ANSWER_COST = 136
+#: bytes every session a process keeps costs whatever it holds: the kernel's Session, the
+#: broker's log, their containers and registry entries
+SESSION_COST = 1500
 
 #: Called with each message published to a room this process subscribed to.
 RoomListener = Callable[[dict[str, Any]], None]
@@ -121,8 +139,14 @@ class Broker(Protocol):
     def drop_session(self, session_id: str) -> None:
         """Forget the session now."""
 
+    def evicted_session(self, session_id: str) -> bool:
+        """Whether session ``session_id`` was evicted to keep this process's session memory
+        within ``session.total_max_bytes`` (before it would have expired): its resume is
+        answered ``evicted``. A broker that never evicts a session returns False."""
+
     def expired_sessions(self) -> list[str]:
-        """Ids of detached sessions past their ttl (removed by this call)."""
+        """Ids of detached sessions past their ttl, and of sessions evicted since the last
+        call (removed by this call: the kernel forgets them)."""
 
     # rooms ------------------------------------------------------------------
 

@@ -366,6 +366,7 @@ class SessionSettings:
     ttl: float
     dedupe_window: float
     dedupe_size: int
+    total_max_bytes: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from .http import HttpRequest
 from .inbox import Inbox
 from .model import DEFERRED, Message, Principal, Stash
 from .runtime import Runtime
-from .session import ANONYMOUS, Session, resume
+from .session import ANONYMOUS, Replayed, Session, resume
 
 if TYPE_CHECKING:
     from .app import App
@@ -242,7 +242,8 @@ class Connection:
         """
         hub = self._hub
         hub.counters.error(error.code.value)
-        server_side = error.code in _SERVER_SIDE
+        # a server-side error is logged each time, unless it is only sent again to a retry
+        server_side = error.code in _SERVER_SIDE and not isinstance(error, Replayed)
         level = logging.WARNING if server_side else logging.INFO
         if log.isEnabledFor(level) and (server_side or self._may_log_refusal()):
             log.log(

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 from .broker import SessionLog
 from .contracts import decode, encode
 from .errors import BackchannelError, CloseCode, ErrorCode
-from .model import Message, Stash
+from .model import Message, Reply, Stash
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .hub import Hub
 
-__all__ = ["ANONYMOUS", "Clock", "Session", "UNKEPT", "answer_again", "resume"]
+__all__ = ["ANONYMOUS", "Clock", "Replayed", "Session", "UNKEPT", "answer_again", "resume"]
 
 log = logging.getLogger("backchannel.connection")
 
@@ -182,7 +182,9 @@ async def resume(
 
     Frames with ``seq > last_seq`` are written now, in order, before any new frame.
     Returns ``{"resumed": True, "missed": N}``, or ``{"resumed": False, "reason": ...}``
-    when the gap cannot be filled (the connection keeps its new session). Raises
+    when the gap cannot be filled (the connection keeps its new session): the session is
+    unknown (``unknown_session``) or was evicted for memory (``evicted``), or its outbox
+    no longer holds ``last_seq + 1`` (``trimmed``) or never had it (``ahead``). Raises
     ``forbidden`` for another principal's session, ``unauthorized`` for a connection
     without a principal.
     """
@@ -195,6 +197,9 @@ async def resume(
         raise BackchannelError(ErrorCode.UNAUTHORIZED, "authenticate before resuming a session")
     record = await broker.find_session(session_id)
     if record is None:
+        if broker.evicted_session(session_id):  # it existed: its retries may come here
+            fresh.origin = session_id
+            return {"resumed": False, "reason": "evicted"}
         return {"resumed": False, "reason": "unknown_session"}
     if record.principal_id != principal.id and not (
         # An anonymous session is a bearer token: its unguessable id is the
@@ -249,8 +254,14 @@ async def resume(
 
 def answer_again(
     hub: Hub, connection: Connection, message: Message, answered: tuple[bytes, int]
-) -> None:
-    """A retry of an answered request: send the original answer again, run nothing."""
+) -> Reply:
+    """A retry of an answered request: its original answer, and nothing run again.
+
+    Returns the original answer as a :class:`Reply`; raises it when it was an error
+    (:class:`Replayed`: sent, counted and observed like any error frame), or
+    ``invalid_envelope`` when the answer left the outbox (the request was answered: it
+    never runs twice). The inbox checks the retry (rate limits apply) and sends it.
+    """
     hub.counters.retries += 1
     frame, digest = answered
     differs = digest != message.digest
@@ -258,21 +269,33 @@ def answer_again(
     # request was answered, so it must never run twice either way.
     original = decode(frame) if frame else None
     if original is None or original.get("replyTo") != message.id:
-        connection.send_error(
-            message.id,
-            BackchannelError(
-                ErrorCode.INVALID_ENVELOPE,
-                "this request id was already answered and its answer is no longer kept",
-            ),
+        raise BackchannelError(
+            ErrorCode.INVALID_ENVELOPE,
+            "this request id was already answered and its answer is no longer kept",
         )
-        return
-    log.log(
-        logging.WARNING if differs else logging.INFO,
-        "retry of answered request%s conn=%s session=%s msg=%s: original answer sent again",
-        " with different content" if differs else "",
-        connection.id,
-        connection.session.id,
-        message.id,
-        extra={"connection_id": connection.id, "message_id": message.id},
-    )
-    connection.session.send(original["type"], original["content"], message.id)
+    if connection._may_log_refusal():  # a client's repeats: within its log budget
+        log.log(
+            logging.WARNING if differs else logging.INFO,
+            "retry of answered request%s conn=%s session=%s msg=%s: not run again, its "
+            "original answer is the answer",
+            " with different content" if differs else "",
+            connection.id,
+            connection.session.id,
+            message.id,
+            extra={"connection_id": connection.id, "message_id": message.id},
+        )
+    content = original["content"]
+    if original["type"] == "error":
+        raise Replayed(content)
+    return Reply(original["type"], content)
+
+
+class Replayed(BackchannelError):
+    """An error answer sent again to a retry (its content exactly as first sent); the
+    client's repeat, so logged within its refusal budget whatever the code."""
+
+    def __init__(self, content: dict[str, Any]) -> None:
+        rest = {k: v for k, v in content.items() if k not in ("code", "message", "details")}
+        super().__init__(
+            content["code"], content["message"], details=content.get("details"), extra=rest
+        )

@@ -33,9 +33,11 @@ export async function until(predicate, timeout = 2000) {
 }
 
 export class FakeServer {
-  constructor({ resume = true, epoch = "e1" } = {}) {
+  constructor({ resume = true, epoch = "e1", notResumed = "unknown_session" } = {}) {
     /** Answer `init` with `resumed: true` when the session is known. */
     this.resume = resume;
+    /** The reason of a `resumed: false` answer (e.g. "trimmed", "evicted"). */
+    this.notResumed = notResumed;
     /** Every socket ever opened, in order. */
     this.sockets = [];
     /** Every request received, in order: {socket, message}. */
@@ -220,7 +222,7 @@ export class FakeServer {
         return;
       }
       const content = { sessionId: session.id, resumed: false, missed: 0, epoch: this.epoch, server: {} };
-      if (c.sessionId) content.reason = sameEpoch ? "unknown_session" : "epoch_changed";
+      if (c.sessionId) content.reason = sameEpoch ? this.notResumed : "epoch_changed";
       this._send(session, { type: "init", replyTo: message.id, content });
       return;
     }

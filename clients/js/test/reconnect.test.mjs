@@ -244,6 +244,25 @@ describe("resume and resend", () => {
     client.close();
   });
 
+  for (const reason of ["trimmed", "evicted"]) {
+    it(`starts a new session when its session was ${reason} and re-sends there`, async () => {
+      // evicted: the server let the session go to stay within session.total_max_bytes
+      const server = new FakeServer({ resume: false, notResumed: reason });
+      server.handlers.slow = () => "hold";
+      const { client, states } = await open(server);
+      const pending = client.request("slow");
+      await until(() => server.messages("slow").length === 1);
+      server.dropAll(1011);
+      await until(() => client.state === "resynced");
+      assert.deepEqual(states.at(-1)[1], { sessionId: "s-2", previous: "s-1", reason, resent: 1 });
+      const [first, again] = server.messages("slow");
+      assert.equal(again.id, first.id); // the same id: a retry, should the server know it
+      server.answer("s-2", again.id, { type: "slow", content: { ok: 1 } });
+      assert.deepEqual(await pending, { ok: 1 });
+      client.close();
+    });
+  }
+
   it("drops replayed frames it already saw (seq <= lastSeq)", async () => {
     const server = new FakeServer();
     server.replayOverlap = 3; // the server replays 3 frames too many

@@ -246,7 +246,12 @@ class AppCollector:
                     "Frames kept in session outboxes for resume.",
                     "frames",
                 ),
-                ("backchannel_outbox_bytes", "Bytes kept in session outboxes for resume.", "bytes"),
+                (
+                    "backchannel_outbox_bytes",
+                    "Bytes sessions keep (outbox frames, remembered answers, fixed costs), as "
+                    "session.total_max_bytes counts them.",
+                    "bytes",
+                ),
                 ("backchannel_dedupe_entries", "Answers remembered for safe retries.", "dedupe"),
                 (
                     "backchannel_sessions_detached",
@@ -257,6 +262,12 @@ class AppCollector:
                 gauge = GaugeMetricFamily(name, what)
                 gauge.add_metric([], kept[key])
                 yield gauge
+            evicted = CounterMetricFamily(
+                "backchannel_sessions_evicted",
+                "Detached sessions evicted to stay within session.total_max_bytes.",
+            )
+            evicted.add_metric([], kept["evicted"])
+            yield evicted
 
 
 def registry_for(collector: AppCollector) -> CollectorRegistry:

@@ -174,6 +174,7 @@ async def test_metrics_count_traffic_by_type_outcome_and_code_with_bounded_label
     assert value(samples, "backchannel_broker_ready", broker="memory") == 1
     assert value(samples, "backchannel_sessions") == 1
     assert value(samples, "backchannel_outbox_frames") == 7
+    assert value(samples, "backchannel_sessions_evicted_total") == 0
     # the handler ran for the three valid texts only; each bucket is cumulative
     hist = "backchannel_handler_duration_seconds"
     assert value(samples, f"{hist}_count", type="text") == 3

@@ -45,6 +45,7 @@ def broker_from_config(app: App, **overrides: Any) -> RedisBroker:
         "outbox_max_bytes": session.outbox_max_bytes,
         "dedupe_window": session.dedupe_window,
         "dedupe_size": session.dedupe_size,
+        "total_max_bytes": session.total_max_bytes,
         # a held session outlives an instance that dies holding it by session.ttl
         "session_lease": session.ttl,
         "on_state": on_state,

@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from itertools import count
@@ -34,7 +34,7 @@ from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
 from backchannel import BackchannelError, ErrorCode
-from backchannel.broker import ControlListener, RoomListener
+from backchannel.broker import ANSWER_COST, SESSION_COST, ControlListener, RoomListener
 
 from . import scripts
 
@@ -55,6 +55,9 @@ _BATCH = 1024
 _APPEND_SESSIONS = 256
 
 _OPEN, _APPEND, _REMEMBER, _DETACH, _ATTACH, _DROP = range(6)
+_U32 = 0xFFFFFFFF
+#: sessions looked up for a resume, held until attached (most kept)
+_FOUND_MAX = 1024
 
 
 def _text(value: Any) -> str:
@@ -146,17 +149,28 @@ class _Record:
 
 
 class _SessionLog:
-    """One session's outbox and answers in Redis; remembered answers are also kept here,
-    so ``recall`` of a request never answered costs no round trip."""
+    """One session's outbox and answers in Redis.
 
-    __slots__ = ("broker", "id", "answers", "order", "__weakref__")
+    The answers it remembered are also cached here, so ``recall`` of a request never
+    answered costs no round trip. The cache is bounded like the in-memory broker's logs
+    (``session.outbox_max_bytes`` and ``session.dedupe_size`` per session, at
+    ``ANSWER_COST`` per answer; ``session.total_max_bytes`` for the process) and emptied
+    while the session is detached (a resume fills it again from Redis). What it lets go
+    of is still in Redis: a ``cold`` log asks Redis when its cache misses, until it has
+    remembered ``dedupe_size`` answers since (Redis keeps no more than those).
+    """
+
+    __slots__ = ("broker", "id", "answers", "size", "cold", "__weakref__")
 
     def __init__(self, broker: RedisBroker, session_id: str) -> None:
         self.broker = broker
         self.id = session_id
-        #: request id -> (unix time answered, seq, digest)
-        self.answers: dict[str, tuple[float, int, int]] = {}
-        self.order: deque[str] = deque()
+        #: request id -> unix ms answered << 64 | seq << 32 | digest, oldest first
+        self.answers: dict[str, int] = {}
+        #: bytes the cached answers cost
+        self.size = 0
+        #: answers still to remember before the cache holds all Redis does (0: it does)
+        self.cold = 0
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
         # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
@@ -167,24 +181,68 @@ class _SessionLog:
     async def since(self, seq: int) -> list[bytes] | None:
         return await self.broker._since(self.id, seq)
 
-    def _keep(self, request_id: str, answered: float, seq: int, digest: int) -> None:
+    def _keep(self, request_id: str, answered_ms: int, seq: int, digest: int) -> None:
         broker = self.broker
-        self.answers[request_id] = (answered, seq, digest)
-        self.order.append(request_id)
-        while len(self.order) > broker.dedupe_size:
-            self.answers.pop(self.order.popleft(), None)
+        answers = self.answers
+        before = self.size
+        if request_id not in answers:
+            self.size += len(request_id) + ANSWER_COST
+            if self.cold:
+                self.cold -= 1
+        answers[request_id] = answered_ms << 64 | (seq & _U32) << 32 | digest & _U32
+        while len(answers) > broker.dedupe_size:  # Redis lets go of these too
+            self._drop_oldest()
+        while self.size > broker.outbox_max_bytes and answers:
+            self.cold = broker.dedupe_size
+            self._drop_oldest()
+        broker._cached(self, self.size - before)
+
+    def _drop_oldest(self) -> None:
+        oldest = next(iter(self.answers))
+        del self.answers[oldest]
+        self.size -= len(oldest) + ANSWER_COST
+
+    def shed(self) -> bool:
+        """Let go of the oldest cached answer (the process is over its total); False if none."""
+        if not self.answers:
+            return False
+        before = self.size
+        self.cold = self.broker.dedupe_size
+        self._drop_oldest()
+        self.broker._cached(self, self.size - before)
+        return True
+
+    def clear(self) -> None:
+        """Let go of every cached answer (the session is detached: nobody asks)."""
+        if self.answers:
+            self.cold = self.broker.dedupe_size
+            self.answers.clear()
+            self.broker._cached(self, -self.size)
+            self.size = 0
+
+    def fill(self, answers: dict[bytes, bytes]) -> None:
+        """Cache the answer records read from Redis (``ms:seq:digest`` by request id)."""
+        self.clear()
+        self.cold = 0
+        records: list[tuple[int, str, int, int]] = []
+        for key, value in answers.items():
+            answered, seq, digest = _text(value).split(":")
+            records.append((int(answered), _text(key), int(seq), int(digest)))
+        for record in sorted(records):  # oldest first, as remembered
+            self._keep(record[1], record[0], record[2], record[3])
 
     def remember(self, request_id: str, seq: int, digest: int) -> None:
-        now = time.time()
+        now = math.ceil(time.time() * 1000)  # (rounded up: never out of the window early)
         self._keep(request_id, now, seq, digest)
-        value = f"{int(now * 1000)}:{seq}:{digest}"
-        self.broker._write(self.id, _REMEMBER, request_id, value.encode())
+        self.broker._write(self.id, _REMEMBER, request_id, f"{now}:{seq}:{digest}".encode())
 
-    def recall(self, request_id: str) -> Coroutine[Any, Any, tuple[bytes, int]] | None:
+    def recall(self, request_id: str) -> Coroutine[Any, Any, tuple[bytes, int] | None] | None:
         entry = self.answers.get(request_id)
-        if entry is None or time.time() - entry[0] > self.broker.dedupe_window:
+        if entry is None:
+            return self.broker._recall(self.id, request_id) if self.cold else None
+        if time.time() * 1000 - (entry >> 64) > self.broker.dedupe_window * 1000:
             return None
-        return self.broker._answer(self.id, entry[1], entry[2])
+        return self.broker._answer(self.id, entry >> 32 & _U32, entry & _U32)
 
 
 class RedisBroker:
@@ -205,9 +263,10 @@ class RedisBroker:
         room_ttl: float = 86400.0,
         max_buffered_writes: int = 100_000,
         outbox_size: int = 1000,
-        outbox_max_bytes: int = 1 << 20,
+        outbox_max_bytes: int = 13 << 10,
         dedupe_window: float = 300.0,
-        dedupe_size: int = 256,
+        dedupe_size: int = 32,
+        total_max_bytes: int = 64 << 20,
         session_lease: float = 120.0,
         on_state: StateCallback | None = None,
     ) -> None:
@@ -225,6 +284,7 @@ class RedisBroker:
         self.outbox_max_bytes = outbox_max_bytes
         self.dedupe_window = dedupe_window
         self.dedupe_size = dedupe_size
+        self.total_max_bytes = total_max_bytes
         self.session_lease = max(session_lease, 1.0)
         self.on_state = on_state
         #: this process's id in Redis (presence entries, session ownership, publish ids)
@@ -243,9 +303,14 @@ class RedisBroker:
         self._flush_done: anyio.Event  # a flush finished
         self._publish_ids = count(1)
         # sessions
-        self._logs: dict[str, _SessionLog] = {}
+        self._logs: dict[str, _SessionLog] = {}  # held by this instance
         self._attached: set[str] = set()
-        self._detached: dict[str, int] = {}  # session id -> expiry (unix ms)
+        self._detached: dict[str, int] = {}  # session id -> expiry (unix ms), oldest first
+        self._found: dict[str, _SessionLog] = {}  # read by find_session, not attached yet
+        #: bytes the sessions held here cost this process (SESSION_COST each, cached answers)
+        self.used = 0
+        self._gone: list[str] = []  # let go of for memory since the last expired_sessions()
+        self._turns: Iterator[_SessionLog] = iter(())  # held sessions in turn to shed answers
         # buffered writes: (write id, session id, kind, a, b)
         self._writes: _Backlog[tuple[int, str, int, Any, Any]] = _Backlog(max_buffered_writes)
         self._queued = 0
@@ -569,10 +634,8 @@ class RedisBroker:
     # -------------------------------------------------------------- sessions
 
     def open_session(self, session_id: str, principal_id: str) -> _SessionLog:
-        entry = _SessionLog(self, session_id)
-        self._logs[session_id] = entry
+        entry = self._hold(session_id, _SessionLog(self, session_id))
         self._attached.add(session_id)
-        self._detached.pop(session_id, None)
         self._write(session_id, _OPEN, principal_id)
         return entry
 
@@ -596,25 +659,35 @@ class RedisBroker:
             self._let_go_here(session_id)
         if entry is None:  # held by another instance (or by none, after a crash)
             entry = _SessionLog(self, session_id)
-            for request_id, value in answers.items():
-                ms, seq, digest = _text(value).split(":")
-                entry._keep(_text(request_id), int(ms) / 1000, int(seq), int(digest))
+            self._found.pop(session_id, None)
+            self._found[session_id] = entry  # held here once attached
+            if len(self._found) > _FOUND_MAX:
+                del self._found[next(iter(self._found))]
+        if entry.cold or entry is not self._logs.get(session_id):
+            entry.fill(answers)  # a detached session's cache was let go of
         return _Record(_text(meta[b"p"]), int(meta.get(b"l", 0)), entry)
 
+    def evicted_session(self, session_id: str) -> bool:
+        return False  # sessions live in Redis: a process only lets go of its copy
+
     def detach_session(self, session_id: str, last_seq: int, ttl: float) -> None:
-        if session_id not in self._logs:
+        entry = self._logs.get(session_id)
+        if entry is None:
             return
         expiry = math.ceil((time.time() + ttl) * 1000)
         self._attached.discard(session_id)
         self._attaching.pop(session_id, None)
-        self._detached[session_id] = expiry
+        self._detached.pop(session_id, None)
+        self._detached[session_id] = expiry  # the newest detached
+        entry.clear()  # nobody recalls answers of a detached session; a resume reads them
         self._write(session_id, _DETACH, expiry)
 
     def attach_session(self, session_id: str, last_seq: int) -> None:
         self._detached.pop(session_id, None)
-        self._attached.add(session_id)
         if session_id not in self._logs:  # resumed here from another instance
-            self._logs[session_id] = _SessionLog(self, session_id)
+            found = self._found.pop(session_id, None)
+            self._hold(session_id, found or _SessionLog(self, session_id))
+        self._attached.add(session_id)
         self._write(session_id, _ATTACH, last_seq)
         self._attaching[session_id] = self._queued
 
@@ -624,12 +697,52 @@ class RedisBroker:
 
     def expired_sessions(self) -> list[str]:
         """Sessions this instance detached whose expiry passed (Redis expired their keys:
-        nothing to delete; another instance that resumed one renewed them)."""
+        nothing to delete; another instance that resumed one renewed them), and those it
+        let go of for memory (still in Redis: a resume finds them there)."""
         now = time.time() * 1000
         gone = [sid for sid, expiry in self._detached.items() if now > expiry + 1]
         for session_id in gone:
             self._let_go_here(session_id)
+        gone += self._gone
+        self._gone = []
         return gone
+
+    def _hold(self, session_id: str, entry: _SessionLog) -> _SessionLog:
+        """``entry`` is the log of a session held here from now on."""
+        self._let_go_here(session_id)
+        self._logs[session_id] = entry
+        self._cached(entry, SESSION_COST + entry.size)
+        return entry
+
+    def _cached(self, entry: _SessionLog, delta: int) -> None:
+        """A held session's cache grew by ``delta`` bytes: past the total, make room
+        (a log not held here, a lookup's or a let-go one's, is not counted)."""
+        if self._logs.get(entry.id) is not entry:
+            return
+        self.used += delta
+        while delta > 0 and self.used > self.total_max_bytes:
+            if self._detached:  # the session detached longest ago: Redis keeps it
+                session_id = next(iter(self._detached))
+                self._let_go_here(session_id)
+                self._gone.append(session_id)
+                self._count_loudly(
+                    "sessions_let_go",
+                    "redis broker: session memory full (session.total_max_bytes=%d): "
+                    "let go of the detached session %s (it stays in Redis)",
+                    self.total_max_bytes,
+                    session_id,
+                )
+            elif not (entry.shed() or self._shed_other()):
+                return
+
+    def _shed_other(self) -> bool:
+        """Let go of one cached answer of another held session, taking them in turn."""
+        for _ in range(2):  # the rest of this round, then one whole round
+            for entry in self._turns:
+                if self._logs.get(entry.id) is entry and entry.shed():
+                    return True
+            self._turns = iter(list(self._logs.values()))
+        return False
 
     async def _since(self, session_id: str, seq: int) -> list[bytes] | None:
         self._need_ready()
@@ -651,6 +764,26 @@ class RedisBroker:
         except BackchannelError:
             return b"", digest
         return (bytes(frame) if frame else b""), digest
+
+    async def _recall(self, session_id: str, request_id: str) -> tuple[bytes, int] | None:
+        """A cold log's cache missed: the answer Redis remembers for ``request_id``, if any
+        (None also when Redis cannot say now: the request runs, as it would have without
+        the cache bound)."""
+        try:
+            self._need_ready()
+            await self._barrier()
+            answers_key = self._session_keys(session_id)[2]
+            value = await self._call(self._redis.hget(answers_key, request_id))
+        except BackchannelError:
+            self._count("cold_recalls_failed")
+            return None
+        self._count("cold_recalls")
+        if value is None:
+            return None
+        ms, seq, digest = _text(value).split(":")
+        if time.time() * 1000 - int(ms) > self.dedupe_window * 1000:
+            return None
+        return await self._answer(session_id, int(seq), int(digest))
 
     # ------------------------------------------------------- control messages
 
@@ -739,8 +872,11 @@ class RedisBroker:
                 log.exception("takeover of session %s failed", session_id)
 
     def _let_go_here(self, session_id: str) -> None:
-        """Forget a session another instance holds now (it writes nothing more here)."""
-        self._logs.pop(session_id, None)
+        """Forget a session another instance holds now (it writes nothing more here), or
+        one let go of for memory."""
+        entry = self._logs.pop(session_id, None)
+        if entry is not None:
+            self.used -= SESSION_COST + entry.size
         self._attached.discard(session_id)
         self._detached.pop(session_id, None)
         self._attaching.pop(session_id, None)
