@@ -214,8 +214,13 @@ class App:
         return self._gateway.plugins()
 
     def message_types(self) -> dict[str, MessageType]:
-        """The registered message types by name (after start-up)."""
-        return {name: entry.describe() for name, entry in self._pipeline.types.items()}
+        """The registered message types by name: once started, those it serves; before,
+        what the plugins' ``message_types`` hooks register now (no ``startup`` hook runs)."""
+        pipeline = self._pipeline
+        if not pipeline.types:
+            pipeline = Pipeline(self.settings, self._gateway)
+            pipeline.build()
+        return {name: entry.describe() for name, entry in pipeline.types.items()}
 
     # ------------------------------------------------------------------ lookup
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from .contracts import load_schema
 from .errors import ErrorCode
 from .model import COMMON_ERRORS, MessageType
-from .pipeline import Pipeline
 
 if TYPE_CHECKING:
     from .app import App
@@ -57,12 +56,7 @@ resumes a session. Any request may be answered with these codes, whatever its ty
 def registered_types(app: App) -> dict[str, MessageType]:
     """The message types ``app`` serves: after start-up its own, else what its plugins'
     ``message_types`` hooks register now (``startup`` hooks do not run for this)."""
-    types = app.message_types()
-    if not types:
-        pipeline = Pipeline(app.settings, app._gateway)
-        pipeline.build()
-        types = {name: entry.describe() for name, entry in pipeline.types.items()}
-    return dict(sorted(types.items()))
+    return dict(sorted(app.message_types().items()))
 
 
 def document(

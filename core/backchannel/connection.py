@@ -245,27 +245,33 @@ class Connection:
         # a server-side error is logged each time, unless it is only sent again to a retry
         server_side = error.code in _SERVER_SIDE and not isinstance(error, Replayed)
         level = logging.WARNING if server_side else logging.INFO
-        if log.isEnabledFor(level) and (server_side or self._may_log_refusal()):
-            log.log(
-                level,
-                "error %s conn=%s session=%s msg=%s: %s",
-                error.code.value,
-                self.id,
-                self.session.id,
-                reply_to,
-                error.message,
-                extra={
-                    "connection_id": self.id,
-                    "session_id": self.session.id,
-                    "message_id": reply_to,
-                    "code": error.code.value,
-                },
-            )
+        if log.isEnabledFor(level):
+            args = (error.code.value, self.id, self.session.id, reply_to, error.message)
+            extra = {
+                "connection_id": self.id,
+                "session_id": self.session.id,
+                "message_id": reply_to,
+                "code": error.code.value,
+            }
+            text = "error %s conn=%s session=%s msg=%s: %s"
+            if server_side:
+                log.log(level, text, *args, extra=extra)
+            else:
+                self.log_refusal(level, text, *args, extra=extra)
         self.session.send("error", error.content(), reply_to)
         if hub.observe_errors:
             hub.gateway.notify(
                 "error", connection=self, message_id=reply_to, error=error, message=message
             )
+
+    def log_refusal(self, level: int, text: str, *args: Any, extra: dict[str, Any]) -> bool:
+        """Log a line about something this client did wrong (or repeated), within its log
+        budget: at most :data:`REFUSALS_LOGGED` lines per :data:`REFUSAL_INTERVAL` seconds,
+        the rest counted and summarised in one line. True when the line was logged."""
+        if not self._may_log_refusal():
+            return False
+        log.log(level, text, *args, extra=extra)
+        return True
 
     def _may_log_refusal(self) -> bool:
         """Whether this refusal gets its log line (else it is counted for the summary)."""

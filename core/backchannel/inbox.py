@@ -22,7 +22,7 @@ import orjson
 from .contracts import decode, violations
 from .errors import BackchannelError, CloseCode, ErrorCode
 from .model import Message
-from .pipeline import Rest, TypeEntry
+from .pipeline import Rest
 from .runtime import Interrupt, Interruptible, Runtime
 from .session import Session, answer_again
 
@@ -178,14 +178,14 @@ class Inbox:
         """A retry of a request still queued or running: its answer will serve both."""
         conn = self._conn
         self._hub.counters.retries += 1
-        if conn._may_log_refusal():  # a client's repeats: within its log budget
-            log.info(
-                "retry attached conn=%s session=%s msg=%s",
-                conn.id,
-                conn.session.id,
-                message.id,
-                extra={"connection_id": conn.id, "message_id": message.id},
-            )
+        conn.log_refusal(  # a client's repeats: within its log budget
+            logging.INFO,
+            "retry attached conn=%s session=%s msg=%s",
+            conn.id,
+            conn.session.id,
+            message.id,
+            extra={"connection_id": conn.id, "message_id": message.id},
+        )
 
     def admitted(self) -> None:
         """The connection was admitted: handle what arrived meanwhile, in order."""
@@ -308,46 +308,24 @@ class Inbox:
         return self._job(message), rest
 
     def _replay(self, message: Message, answered: tuple[bytes, int]) -> tuple[Job, Rest] | None:
-        """A retry of an answered request gets its original answer again (:func:`answer_again`),
-        checked as any request is (DESIGN §5: the idempotency check comes last):
-
-        * an original error answer is sent again as a refusal (``send_error``: counted,
-          logged within the budget, seen by ``error`` observers, so abuse rules count it);
-        * a retry with other content than the original's (another digest) must pass the
-          type's content schema, or is answered ``validation_failed``;
-        * then the ``validate`` hooks (the rate limiter), which may refuse it; a hook that
-          awaits leaves a Job for the connection's task, as any request's does.
-
-        Nothing a retry is answered is remembered: the original answer stays the answer.
-        """
+        """A retry of an answered request gets its original answer again
+        (:func:`answer_again`), checked as any request is (:meth:`Pipeline.replay`); an
+        original error answer is sent again as a refusal (counted, logged within the
+        budget, seen by ``error`` observers, so abuse rules count it). A ``validate`` hook
+        that awaits leaves a Job for the connection's task, as any request's does."""
         conn = self._conn
         hub = self._hub
-        pipeline = hub.pipeline
-        registered = pipeline.types.get(message.type)
         try:
             reply = answer_again(hub, conn, message, answered)
-            validator = None if registered is None else registered.validator
-            if (
-                message.digest != answered[1]
-                and validator is not None
-                and not validator.is_valid(message.content)
-            ):
-                details = violations(validator, message.content, "content")
-                text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
-                raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
-            validate = pipeline._validate
-            pending = None if validate is None else validate(message, conn)
-            if pending is None:
-                conn.session.send(reply.type, reply.content, message.id)
-                return None
         except Exception as exc:
-            pipeline._fail(conn, message, exc)
+            hub.pipeline.fail(conn, message, exc)
             return None
-        timeout = pipeline.timeout if registered is None else registered.timeout
-        entry = TypeEntry(message.type, "backchannel", lambda *_: reply, None, None, timeout, None)
+        rest = hub.pipeline.replay(conn, message, reply, answered[1])
+        if rest is None:
+            return None
         job = Job(message, conn.session, self._runtime)
         hub.running.add(job)
-        return job, Rest(entry, pending, True)
+        return job, rest
 
     def _job(self, message: Message) -> Job:
         """The request's rest has to be awaited: it becomes a Job (deadline, cancel)."""

@@ -348,8 +348,41 @@ class Pipeline:
                 return Rest(entry, result, False)
             self._answer(conn, message, result)
         except Exception as exc:
-            self._fail(conn, message, exc)
+            self.fail(conn, message, exc)
         return None
+
+    def replay(self, conn: Connection, message: Message, reply: Reply, digest: int) -> Rest | None:
+        """A retry of an answered request, checked as any request is before its original
+        answer (``reply``) goes again (DESIGN §5: the idempotency check comes last): a
+        retry whose content differs from the original's (``digest``) must pass the type's
+        content schema; then the ``validate`` hooks (the rate limiter) may refuse it.
+
+        Returns None when answered (or refused), else the :class:`Rest` to finish: a
+        ``validate`` hook's awaitable, then the reply. Nothing is remembered: the original
+        answer stays the answer.
+        """
+        entry = self.types.get(message.type)
+        try:
+            validator = None if entry is None else entry.validator
+            if (
+                message.digest != digest
+                and validator is not None
+                and not validator.is_valid(message.content)
+            ):
+                details = violations(validator, message.content, "content")
+                text = "; ".join(f"{d['path']}: {d['rule']}" for d in details[:3])
+                raise BackchannelError(ErrorCode.VALIDATION_FAILED, text, details=details)
+            validate = self._validate
+            pending = None if validate is None else validate(message, conn)
+            if pending is None:
+                conn.session.send(reply.type, reply.content, message.id)
+                return None
+        except Exception as exc:
+            self.fail(conn, message, exc)
+            return None
+        timeout = self.timeout if entry is None else entry.timeout
+        again = TypeEntry(message.type, "backchannel", lambda *_: reply, None, None, timeout, None)
+        return Rest(again, pending, True)
 
     async def finish(self, conn: Connection, job: Job, rest: Rest) -> None:
         """Await what :meth:`start` left, under the job's deadline; send the one answer."""
@@ -366,7 +399,7 @@ class Pipeline:
                     message,
                 )
         except Exception as exc:
-            self._fail(conn, message, exc)
+            self.fail(conn, message, exc)
 
     async def _rest(self, conn: Connection, job: Job, rest: Rest) -> None:
         message = job.message
@@ -434,7 +467,7 @@ class Pipeline:
         )
         return ref
 
-    def _fail(self, conn: Connection, message: Message, exc: Exception) -> None:
+    def fail(self, conn: Connection, message: Message, exc: Exception) -> None:
         """The one answer of a request that failed: its own error, an ``on_error`` mapping,
         or ``handler_error`` with a ref to the one log line naming the plugin."""
         if isinstance(exc, BackchannelError):

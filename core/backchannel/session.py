@@ -273,17 +273,16 @@ def answer_again(
             ErrorCode.INVALID_ENVELOPE,
             "this request id was already answered and its answer is no longer kept",
         )
-    if connection._may_log_refusal():  # a client's repeats: within its log budget
-        log.log(
-            logging.WARNING if differs else logging.INFO,
-            "retry of answered request%s conn=%s session=%s msg=%s: not run again, its "
-            "original answer is the answer",
-            " with different content" if differs else "",
-            connection.id,
-            connection.session.id,
-            message.id,
-            extra={"connection_id": connection.id, "message_id": message.id},
-        )
+    connection.log_refusal(  # a client's repeats: within its log budget
+        logging.WARNING if differs else logging.INFO,
+        "retry of answered request%s conn=%s session=%s msg=%s: not run again, its "
+        "original answer is the answer",
+        " with different content" if differs else "",
+        connection.id,
+        connection.session.id,
+        message.id,
+        extra={"connection_id": connection.id, "message_id": message.id},
+    )
     content = original["content"]
     if original["type"] == "error":
         raise Replayed(content)
