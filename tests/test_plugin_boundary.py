@@ -155,3 +155,69 @@ def test_every_public_module_is_documented() -> None:
     text = DOC.read_text()
     documented = set(re.findall(r"`(backchannel(?:\.[a-z_]+)?)`", text))
     assert documented >= PUBLIC_MODULES
+
+
+# ------------------------------------------------------------ inside the kernel
+
+
+def _private_names_defined(tree: ast.Module) -> set[str]:
+    """Underscore names a module defines: functions, methods, classes, attributes it
+    assigns (``self._x = ...``), ``__slots__`` entries."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            found.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            found.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            found.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)  # (__slots__ entries, and any other string)
+    return {n for n in found if n.startswith("_") and not n.startswith("__")}
+
+
+KERNEL = sorted((ROOT / "core" / "backchannel").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", KERNEL, ids=lambda p: p.name)
+def test_no_kernel_module_uses_another_modules_underscore_names(path: Path) -> None:
+    """A kernel module reaches only its own internals (``x._name`` with ``_name`` defined
+    in the same module); collaborators get public names."""
+    assert foreign_privates(path.read_text(), path.name) == []
+
+
+def test_the_kernel_check_finds_a_foreign_private() -> None:
+    source = "from .hub import _helper\nimport argparse\ndef f(app):\n    app._gateway\n"
+    source += "    argparse._SubParsersAction\n"
+    assert sorted(foreign_privates(source, "x.py")) == [
+        "x.py:1: imports _helper",
+        "x.py:4: ._gateway",
+    ]
+
+
+def foreign_privates(source: str, name: str) -> list[str]:
+    tree = ast.parse(source)
+    own = _private_names_defined(tree)
+    # (other libraries' internals are theirs to mind: argparse._SubParsersAction, ...)
+    libraries = {
+        alias.asname or alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            if node.attr.startswith("__") or node.attr in own:
+                continue
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in ("self", "cls", *libraries):
+                continue
+            found.append(f"{name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 1:
+            found += [
+                f"{name}:{node.lineno}: imports {a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+    return found
