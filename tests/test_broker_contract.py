@@ -170,6 +170,30 @@ async def test_session_log_returns_frames_after_seq_in_order_unchanged(broker: B
     assert await log.since(2) == frames[2:]
 
 
+async def test_appended_frames_are_delivered_once_in_order_and_kept(broker: Broker) -> None:
+    """``append`` hands each frame to ``deliver`` exactly once, in the order appended (a
+    networked broker once the write is acknowledged), and the frames are kept."""
+    log = broker.open_session("s-deliver", "alice")
+    other = broker.open_session("s-deliver-2", "bob")
+    delivered: list[bytes] = []
+    frames = [frame(seq) for seq in (1, 2, 3)]
+    for seq, data in enumerate(frames, 1):
+        log.append(seq, data, delivered.append)
+        other.append(seq, frame(seq, size=9), None)  # no connection: kept, not delivered
+
+    async def probe() -> int:
+        return len(delivered)
+
+    await until(probe, lambda n: n >= 3)
+    assert delivered == frames
+    record = await broker.find_session("s-deliver")
+    assert record is not None and record.last_seq == 3
+    assert await record.log.since(0) == frames
+    log.append(4, frame(4), delivered.append)  # the witness: nothing else was delivered
+    await until(probe, lambda n: n >= 4)
+    assert delivered == [*frames, frame(4)]
+
+
 async def test_since_last_seq_is_empty_and_last_seq_lets_the_caller_see_ahead(
     broker: Broker,
 ) -> None:
@@ -542,6 +566,21 @@ async def test_removing_an_unknown_presence_key_is_false(broker: Broker) -> None
     assert await broker.presence_remove("lobby", "bob", "c-1") is False
     assert await broker.presence_remove("elsewhere", "alice", "c-1") is False
     assert await broker.presence("lobby") == ["alice"]
+
+
+async def test_presence_count_counts_members_once_per_room(broker: Broker) -> None:
+    assert await broker.presence_count("lobby") == 0
+    await broker.presence_add("lobby", "alice", "c-1")
+    await broker.presence_add("lobby", "alice", "c-2")
+    await broker.presence_add("lobby", "bob", "c-3")
+    await broker.presence_add("support", "carol", "c-4")
+    assert await broker.presence_count("lobby") == 2
+    assert await broker.presence_count("support") == 1
+    await broker.presence_remove("lobby", "alice", "c-1")
+    assert await broker.presence_count("lobby") == 2  # alice is still there through c-2
+    await broker.presence_remove("lobby", "alice", "c-2")
+    assert await broker.presence_count("lobby") == 1
+    assert await broker.presence_count("lobby") == len(await broker.presence("lobby"))
 
 
 async def test_presence_is_sorted_and_per_room(broker: Broker) -> None:

@@ -185,4 +185,11 @@ class Broker(Protocol):
         """Remove one presence ``key``; True if ``member`` is no longer present at all."""
 
     async def presence(self, room: str) -> list[str]:
-        """Members present in ``room``, sorted."""
+        """Members present in ``room``, sorted (its cost grows with the room)."""
+
+    async def presence_count(self, room: str) -> int:
+        """How many members are present in ``room``, at a cost that does not grow with it.
+
+        A networked broker may go on counting the members of a process that died
+        without withdrawing them until they are swept (``presence`` sweeps a room at
+        once; the redis broker also sweeps a little with each heartbeat)."""

@@ -316,3 +316,6 @@ class MemoryBroker:
 
     async def presence(self, room: str) -> list[str]:
         return sorted(self.present.get(room, {}))
+
+    async def presence_count(self, room: str) -> int:
+        return len(self.present.get(room, ()))

@@ -4,7 +4,7 @@ Design (docs/design.md, "Redis broker"): one Lua script per operation (atomic, o
 round trip); room history on a stream per room with a counter for offsets and an
 epoch beside it; live fan-out over pub/sub, on one connection per instance that
 subscribes only to rooms with local listeners, with gaps filled from the stream;
-session writes (outbox frames, answers, expiry) buffered and flushed pipelined by a
+session writes (outbox frames, answers, expiry) queued and flushed pipelined by a
 background task, because the kernel makes them on the per-message path and they
 must not block; presence as a hash per room whose entries count only while their
 instance beats.
@@ -53,6 +53,8 @@ _CATCH_UP_MAX = 10_000
 _BATCH = 1024
 #: most sessions one APPEND call writes to (bounds the time Redis spends in one script)
 _APPEND_SESSIONS = 256
+#: presence entries a heartbeat sweeps per room (HSCAN COUNT)
+_SWEEP = 100
 
 _OPEN, _APPEND, _REMEMBER, _DETACH, _ATTACH, _DROP = range(6)
 
@@ -117,14 +119,6 @@ class _Backlog(Generic[T]):
 
 
 @dataclass(eq=False)
-class _Waiter:
-    """A local publish: the reader says when it delivered it; the publisher when it replied."""
-
-    dispatched: anyio.Event = field(default_factory=anyio.Event)
-    resumed: anyio.Event = field(default_factory=anyio.Event)
-
-
-@dataclass(eq=False)
 class _Room:
     """This instance's subscription to one room."""
 
@@ -134,8 +128,6 @@ class _Room:
     last: int | None = None
     epoch: str | None = None
     based: anyio.Event = field(default_factory=anyio.Event)
-    #: publishes from this instance in flight, by publish id
-    waiting: dict[str, _Waiter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +265,7 @@ class RedisBroker:
 
     def _presence_keys(self, room: str) -> list[str]:
         base = f"{self.prefix}:p:{{{room}}}"
-        return [f"{base}:h", f"{base}:i"]
+        return [f"{base}:h", f"{base}:i", f"{base}:c"]
 
     def _channel(self, room: str) -> str:
         return f"{self._room_channels}{room}"
@@ -398,9 +390,15 @@ class RedisBroker:
             if self._ready:
                 try:
                     await self._barrier()
+                    # withdraw this instance's presence (its entries too, so that no
+                    # room's count includes them)
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for room in self._present:
-                            pipe.zrem(self._presence_keys(room)[1], [self.instance])
+                        for room, entries in self._present.items():
+                            keys = self._presence_keys(room)
+                            for member, key in entries:
+                                args = [self.instance, member, key]
+                                self._s["PRESENCE_REMOVE"](keys, args, client=pipe)
+                            pipe.zrem(keys[1], [self.instance])
                 except Exception as exc:
                     log.warning("redis broker stopped without flushing: %s", exc)
         self._ready = False
@@ -764,47 +762,33 @@ class RedisBroker:
         history_ttl: float,
         dedupe: str | None = None,
     ) -> dict[str, Any]:
-        """Store and fan out; returns once this instance's listeners got the message, so
-        the sender's reply follows every earlier message of the room (offset order)."""
+        """Store and fan out: one script, one round trip; the listeners of every instance
+        (this one's too) get the message from pub/sub, in offset order."""
         self._need_ready()
         await self._based(room)
-        state = self._rooms.get(room)
         publish_id = f"{self.instance}-{next(self._publish_ids)}"
-        waiter = None
-        if state is not None:
-            waiter = state.waiting[publish_id] = _Waiter()
         keep = int(max(self.room_ttl, history_ttl) * 1000)
-        try:
-            reply = await self._call(
-                self._s["PUBLISH"](
-                    self._room_keys(room),
-                    [
-                        self._channel(room),
-                        orjson.dumps(message),
-                        os.urandom(8).hex(),
-                        history_size,
-                        int(history_ttl * 1000),
-                        keep,
-                        publish_id,
-                        dedupe or "",
-                    ],
-                ),
-                write=True,
-            )
-            offset, epoch = reply[0], reply[1]
-            if len(reply) > 2:  # a retry of a publish: nothing was published now
-                self._count("publish_retried")
-                if reply[2] is not None:
-                    message = orjson.loads(reply[2])
-            elif waiter is not None:
-                with anyio.move_on_after(self.timeout * 2):
-                    await waiter.dispatched.wait()
-                if not waiter.dispatched.is_set():
-                    self._count("publish_not_delivered_locally")
-        finally:
-            if waiter is not None and state is not None:
-                state.waiting.pop(publish_id, None)
-                waiter.resumed.set()
+        reply = await self._call(
+            self._s["PUBLISH"](
+                self._room_keys(room),
+                [
+                    self._channel(room),
+                    orjson.dumps(message),
+                    os.urandom(8).hex(),
+                    history_size,
+                    int(history_ttl * 1000),
+                    keep,
+                    publish_id,
+                    dedupe or "",
+                ],
+            ),
+            write=True,
+        )
+        offset, epoch = reply[0], reply[1]
+        if len(reply) > 2:  # a retry of a publish: nothing was published now
+            self._count("publish_retried")
+            if reply[2] is not None:
+                message = orjson.loads(reply[2])
         return {**message, "room": room, "offset": int(offset), "epoch": _text(epoch)}
 
     async def room_since(
@@ -840,8 +824,6 @@ class RedisBroker:
         state.listeners.remove(listener)
         if not state.listeners:
             del self._rooms[room]
-            for waiter in state.waiting.values():
-                waiter.dispatched.set()  # nothing will be delivered here: don't make it wait
             self._events_in.send_nowait(("unsubscribe", room))
 
     # ---------------------------------------------------------- live fan-out
@@ -945,8 +927,8 @@ class RedisBroker:
             if value["type"] == "subscribe":  # confirmed (again): fill what was missed
                 await self._catch_up(state)
                 return
-            head, epoch, publish_id, body = bytes(value["data"]).split(b" ", 3)
-            await self._deliver(state, int(head), _text(epoch), _text(publish_id), body)
+            head, epoch, _, body = bytes(value["data"]).split(b" ", 3)
+            await self._deliver(state, int(head), _text(epoch), body)
 
     async def _catch_up(self, state: _Room) -> None:
         """Deliver what the room's stream holds after ``state.last``."""
@@ -959,19 +941,10 @@ class RedisBroker:
         epoch = _text(reply[1])
         entries = reply[2:]
         for i in range(0, len(entries), 3):
-            await self._deliver(
-                state, int(entries[i]), epoch, _text(entries[i + 1]), entries[i + 2], fill=False
-            )
+            await self._deliver(state, int(entries[i]), epoch, entries[i + 2], fill=False)
 
     async def _deliver(
-        self,
-        state: _Room,
-        offset: int,
-        epoch: str,
-        publish_id: str,
-        body: bytes,
-        *,
-        fill: bool = True,
+        self, state: _Room, offset: int, epoch: str, body: bytes, *, fill: bool = True
     ) -> None:
         assert state.last is not None
         if epoch != state.epoch:
@@ -1007,11 +980,6 @@ class RedisBroker:
             except Exception:
                 self._count("listener_errors")
                 log.exception("room listener failed room=%s", state.name)
-        waiter = state.waiting.get(publish_id)
-        if waiter is not None:  # published here: let its reply go before the next message
-            waiter.dispatched.set()
-            with anyio.move_on_after(self.timeout):
-                await waiter.resumed.wait()
 
     # --------------------------------------------------------------- presence
 
@@ -1048,11 +1016,20 @@ class RedisBroker:
         members = await self._call(self._s["PRESENCE_LIST"](self._presence_keys(room)))
         return [_text(m) for m in members]
 
+    async def presence_count(self, room: str) -> int:
+        """``HLEN``: counts the members of an instance that died until they are swept
+        (by ``presence``, or a little with each heartbeat of a live instance)."""
+        self._need_ready()
+        return int(await self._call(self._redis.hlen(self._presence_keys(room)[0])))
+
     async def _beat(self) -> None:
         """This instance still counts in every room where it has presence."""
         ttl = int(self.presence_ttl * 1000)
         await self._for_each(
-            "PRESENCE_BEAT", list(self._present), self._presence_keys, [self.instance, ttl]
+            "PRESENCE_BEAT",
+            list(self._present),
+            self._presence_keys,
+            [self.instance, _SWEEP, ttl],
         )
 
     async def _reassert_presence(self) -> None:

@@ -326,8 +326,36 @@ redis.call('PEXPIRE', KEYS[1], 3 * ttl)
 redis.call('PEXPIRE', KEYS[2], 3 * ttl)
 """
 
-#: KEYS: members, instances. ARGV: instance, ttl (ms). This instance still counts.
-PRESENCE_BEAT = _LIVE + _BEAT + "return 1\n"
+#: KEYS: members, instances, sweep cursor. ARGV: instance, entries to sweep, ttl (ms).
+#: This instance still counts; and a few members (HSCAN) are swept of dead instances'
+#: entries, so that members of an instance that died stop counting in HLEN
+#: (``presence_count``) even in a room nobody lists.
+PRESENCE_BEAT = (
+    _LIVE
+    + _BEAT
+    + """
+local scan = redis.call('HSCAN', KEYS[1], redis.call('GET', KEYS[3]) or '0', 'COUNT', ARGV[2])
+local found = scan[2]
+for i = 1, #found, 2 do
+  local entries = cjson.decode(found[i + 1])
+  local kept = {}
+  for _, e in ipairs(entries) do
+    if live(e[1]) then table.insert(kept, e) end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', KEYS[1], found[i])
+  elseif #kept < #entries then
+    redis.call('HSET', KEYS[1], found[i], cjson.encode(kept))
+  end
+end
+if scan[1] == '0' then
+  redis.call('DEL', KEYS[3])
+else
+  redis.call('SET', KEYS[3], scan[1], 'PX', 3 * ttl)
+end
+return 1
+"""
+)
 
 #: KEYS: members, instances. ARGV: instance, member, key, ttl (ms).
 #: 1 when the member was not present (through any live instance) before.
