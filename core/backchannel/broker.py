@@ -99,6 +99,12 @@ class Broker(Protocol):
     async def stop(self) -> None:
         """Disconnect; called once at App shutdown."""
 
+    async def flush(self) -> None:
+        """Return once every session frame appended so far was kept and handed to its
+        ``deliver`` (within a bound of the broker's own; never raises). The hub calls it
+        at shutdown, so that the last frames (the going-away notice, the answers of
+        interrupted handlers) leave before the connections close."""
+
     # sessions ---------------------------------------------------------------
 
     def open_session(self, session_id: str, principal_id: str) -> SessionLog:

@@ -163,6 +163,9 @@ class MemoryBroker:
     async def stop(self) -> None:
         return None
 
+    async def flush(self) -> None:
+        return None  # appended frames are delivered at once
+
     # sessions ---------------------------------------------------------------
 
     def open_session(self, session_id: str, principal_id: str) -> _SessionLog:

@@ -6,12 +6,14 @@ epoch beside it; live fan-out over pub/sub, on one connection per instance that
 subscribes only to rooms with local listeners, with gaps filled from the stream;
 session writes (outbox frames, answers, expiry) queued and flushed pipelined by a
 background task, because the kernel makes them on the per-message path and they
-must not block; presence as a hash per room whose entries count only while their
-instance beats.
+must not block, and each session frame handed to its client once its write is
+acknowledged (write-through); presence as a hash per room whose entries count only
+while their instance beats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -152,9 +154,10 @@ class _SessionLog:
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
         # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
-        self.broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
+        broker = self.broker
+        broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
         if deliver is not None:
-            deliver(frame)
+            broker._deliver_when_kept(deliver, frame)
 
     async def since(self, seq: int) -> list[bytes] | None:
         return await self.broker._since(self.id, seq)
@@ -242,6 +245,9 @@ class RedisBroker:
         self._writes: _Backlog[tuple[int, str, int, Any, Any]] = _Backlog(max_buffered_writes)
         self._queued = 0
         self._flushed = 0
+        #: session frames kept back until Redis acknowledged their write (write id,
+        #: deliver, frame), in append order
+        self._held: deque[tuple[int, Callable[[bytes], None], bytes]] = deque()
         # rooms and presence
         self._rooms: dict[str, _Room] = {}
         self._present: dict[str, set[tuple[str, str]]] = {}
@@ -299,6 +305,7 @@ class RedisBroker:
             self._count("unavailable")
             log.warning("redis broker NOT ready: %s url=%s", why, self.url)
             self._up = anyio.Event()
+            self._release(self._queued)  # writes wait for Redis; clients need not
         if self._started:
             self._notify(ready, why)
 
@@ -408,6 +415,13 @@ class RedisBroker:
         await stack.aclose()  # the task group, then the client (entered in start)
         self._client = None
 
+    async def flush(self) -> None:
+        """Wait (bounded) until every queued write reached Redis, so its held frames are
+        delivered; while Redis is away they were delivered already."""
+        if self._ready:
+            with contextlib.suppress(BackchannelError):
+                await self._barrier()
+
     async def _check(self) -> None:
         """One health probe: read (or make) the epoch. Marks the broker ready."""
         epoch: bytes = await self._s["EPOCH"]([f"{self.prefix}:epoch"], [os.urandom(8).hex()])
@@ -461,6 +475,29 @@ class RedisBroker:
                 dropped[1],
             )
 
+    def _deliver_when_kept(self, deliver: Callable[[bytes], None], frame: bytes) -> None:
+        """Write-through (issue 13): a session frame reaches its client once Redis holds
+        it, so that an instance that dies never leaves a client ahead of what another
+        instance can replay. Frames wait for the flush of their write, in append order
+        (one pipeline per batch: per loop tick under load). While Redis is not reachable
+        they go out at once, written when it is back (a crash then may leave a client
+        ahead: its resume says so)."""
+        if self._ready:
+            self._held.append((self._queued, deliver, frame))
+        else:
+            deliver(frame)
+
+    def _release(self, upto: int) -> None:
+        """Deliver the held frames whose writes up to ``upto`` were flushed, in order."""
+        held = self._held
+        while held and held[0][0] <= upto:
+            _, deliver, frame = held.popleft()
+            try:
+                deliver(frame)
+            except Exception:
+                self._count("deliver_errors")
+                log.exception("redis broker: delivering a session frame failed")
+
     async def _barrier(self) -> None:
         """Wait until every write queued so far reached Redis (read your writes)."""
         target = self._queued
@@ -488,6 +525,7 @@ class RedisBroker:
                 self._count("write_errors")
                 log.exception("redis broker dropped %d writes that Redis refused", len(batch))
             self._flushed = max(self._flushed, batch[-1][0])
+            self._release(self._flushed)
             done, self._flush_done = self._flush_done, anyio.Event()
             done.set()
 

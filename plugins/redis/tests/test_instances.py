@@ -534,6 +534,107 @@ async def test_an_instance_killed_mid_conversation_loses_and_repeats_nothing(
         assert not problems, report(problems)
 
 
+# --------------------------------------------------------------- scenario 2b
+
+#: issue 13's crash test: clients per instance, rooms (each spans the three instances)
+CRASH_CLIENTS, CRASH_ROOMS = 300, 30
+
+
+def crash_room(i: int) -> tuple[str, ...]:
+    """Member ``i``'s one room: members 3j, 3j+1, 3j+2 (one per instance) share one."""
+    return (f"r{(i // 3) % CRASH_ROOMS:02d}",)
+
+
+@pytest.mark.slow
+async def test_an_instance_killed_under_load_leaves_its_sessions_resumable_elsewhere(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Issue 13 item 2: 300 clients (100 per instance) chat in 30 rooms, each message
+    answered and fanned out while others are in flight, and each pings the server in a
+    closed loop; one instance is SIGKILLed amid it all. A session frame reaches a client
+    only once Redis holds it, so no client is ahead of what the others can replay: at
+    least 99% of the victim's sessions resume (``resumed: true``) on another instance;
+    no request ran twice (every history holds each text once); every accepted message is
+    stored; every member's view of its room is the room's history exactly."""
+    pace = 1.0  # seconds between one member's messages: ~300 messages/s in all
+    async with (
+        cluster(redis, tmp_path, session={"ttl": 30}, **PATIENT) as c,
+        RoundRobinProxy(c.ports()) as proxy,
+        members(CRASH_CLIENTS, [proxy.url], crash_room) as crowd,
+    ):
+        victim = c.instances[0]
+        stop = anyio.Event()
+        pongs = [0]
+
+        async def talk(member: Member, delay: float) -> None:
+            await anyio.sleep(delay)
+            while not stop.is_set():
+                await member.say(member.rooms[0])
+                await anyio.sleep(pace)
+
+        async def ping(member: Member) -> None:  # answers always in flight: session frames
+            assert member.client is not None
+            while not stop.is_set():
+                await member.client.request("ping", {}, timeout=BOUND)
+                pongs[0] += 1
+
+        async with anyio.create_task_group() as tg:
+            for k, member in enumerate(crowd):
+                tg.start_soon(talk, member, pace * k / len(crowd))  # spread over a second
+            await wait_for(lambda: accepted_since(crowd, 0) >= 2, "not everyone talks")
+            for member in crowd:
+                tg.start_soon(ping, member)
+            await wait_for(lambda: pongs[0] >= 5 * len(crowd), "no pong")
+            accepted_before = sum(len(m.accepted) for m in crowd)
+            killed_at = time.monotonic()
+            victim.kill()
+            await wait_for(
+                lambda: sum(m.reconnected() for m in crowd) >= CRASH_CLIENTS // 3,
+                "the killed instance's clients did not notice",
+            )
+            await wait_for(
+                lambda: all(m.recovered_at() is not None for m in crowd if m.reconnected()),
+                "a client of the killed instance never came back",
+            )
+            recovered = time.monotonic() - killed_at
+            back = time.monotonic()
+            await wait_for(lambda: accepted_since(crowd, back) >= 1, "no message after the kill")
+            stop.set()
+        moved = [m for m in crowd if m.reconnected()]
+        outcomes = Counter(
+            "resumed" if s is State.RESUMED else f"resynced ({i.get('reason')})"
+            for m in moved
+            for _, s, i in m.states
+            if s in (State.RESUMED, State.RESYNCED)
+        )
+        resumed = outcomes["resumed"] / max(1, len(moved))
+        epochs = epochs_of(crowd)
+        final: dict[str, int] = {}
+        for room in sorted(epochs):
+            _, answer = await room_history(c.ports()[1], room, epochs[room])
+            final[room] = answer["content"]["offset"]
+        problems: list[str] = []
+        try:
+            await all_seen(crowd, final, "a member's view never reached its room's end")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        history, found = await read_history(redis, c.prefix, c.ports()[2], epochs)
+        problems += found + view_problems(crowd, history) + request_problems(crowd, history, set())
+        accepted = sum(len(m.accepted) for m in crowd)
+        if sum(final.values()) != accepted:
+            problems.append(f"{accepted} messages accepted, {sum(final.values())} stored")
+        print(
+            f"  [2b] members {len(crowd)} in {CRASH_ROOMS} rooms over 3 instances; SIGKILL"
+            f" {victim.name} after {accepted_before} accepted; its {len(moved)} clients back in"
+            f" {recovered:.2f}s; outcomes {dict(outcomes)} ({resumed:.1%} resumed);"
+            f" messages stored {sum(final.values())}, accepted {accepted}; problems"
+            f" {len(problems)}; pongs {pongs[0]}"
+        )
+        assert len(moved) == CRASH_CLIENTS // 3, [m.name for m in moved]
+        assert resumed >= 0.99, outcomes
+        assert not problems, report(problems)
+
+
 # ---------------------------------------------------------------- scenario 3
 
 

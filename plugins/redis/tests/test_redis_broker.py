@@ -667,6 +667,44 @@ async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[s
         await old.stop()
 
 
+async def test_a_session_frame_reaches_its_client_only_once_redis_holds_it(
+    redis: dict[str, str],
+) -> None:
+    """Write-through (issue 13): while the flush carrying its write is held back, a frame
+    is not delivered; once Redis acknowledged the write it is, in order, and another
+    instance already reads it (a client is never ahead of what Redis holds)."""
+    url, prefix = redis["url"], redis["key_prefix"]
+    one, other = RedisBroker(url=url, key_prefix=prefix), RedisBroker(url=url, key_prefix=prefix)
+    await one.start()
+    await other.start()
+    try:
+        real = one._send
+        flushing, gate = anyio.Event(), anyio.Event()
+
+        async def held_back(batch: list[Any]) -> None:
+            flushing.set()
+            await gate.wait()
+            await real(batch)
+
+        one._send = held_back  # type: ignore[method-assign]
+        log = one.open_session("s-through", "alice")
+        delivered: list[bytes] = []
+        log.append(1, b"frame 1", delivered.append)
+        log.append(2, b"frame 2", delivered.append)
+        with anyio.fail_after(BOUND):
+            await flushing.wait()  # the flusher holds the batch with both writes
+        assert delivered == []
+        gate.set()
+        await until(lambda: len(delivered) == 2, "never delivered")
+        assert delivered == [b"frame 1", b"frame 2"]
+        record = await other.find_session("s-through")
+        assert record is not None and record.last_seq == 2
+        assert await record.log.since(0) == [b"frame 1", b"frame 2"]
+    finally:
+        await other.stop()
+        await one.stop()
+
+
 async def test_presence_notices_reach_members_on_other_instances(redis: dict[str, str]) -> None:
     one, two = new_app(redis), new_app(redis)
     async with serving(one), serving(two), ws(one) as alice:
