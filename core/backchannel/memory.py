@@ -286,6 +286,10 @@ class MemoryBroker:
             return None, state.offset, state.epoch
         return [m for _, m, _ in history if m["offset"] > offset], state.offset, state.epoch
 
+    async def room_position(self, room: str) -> tuple[int, str]:
+        state = self._room(room)  # publish calls the listeners at once: no message in flight
+        return state.offset, state.epoch
+
     def subscribe(self, room: str, listener: RoomListener) -> None:
         listeners = self._room(room).listeners
         if listener not in listeners:
@@ -298,24 +302,24 @@ class MemoryBroker:
 
     # presence ---------------------------------------------------------------
 
-    async def presence_add(self, room: str, member: str, key: str) -> bool:
+    async def presence_add(self, room: str, member: str, key: str) -> tuple[bool, int]:
         members = self.present.setdefault(room, {})
         keys = members.setdefault(member, set())
         keys.add(key)
-        return len(keys) == 1
+        return len(keys) == 1, len(members)
 
-    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+    async def presence_remove(self, room: str, member: str, key: str) -> tuple[bool, int]:
         members = self.present.get(room, {})
         keys = members.get(member)
         if keys is None or key not in keys:
-            return False
+            return False, len(members)
         keys.discard(key)
         if keys:
-            return False
+            return False, len(members)
         del members[member]
         if not members:
             self.present.pop(room, None)
-        return True
+        return True, len(members)
 
     async def presence(self, room: str) -> list[str]:
         return sorted(self.present.get(room, {}))

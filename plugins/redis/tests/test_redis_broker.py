@@ -305,8 +305,8 @@ async def test_presence_of_an_instance_that_stops_beating_expires_within_its_ttl
     await alive.start()
     await dying.start()
     try:
-        assert await alive.presence_add("lobby", "alice", "c-1") is True
-        assert await dying.presence_add("lobby", "bob", "c-2") is True
+        assert await alive.presence_add("lobby", "alice", "c-1") == (True, 1)
+        assert await dying.presence_add("lobby", "bob", "c-2") == (True, 2)
         assert await alive.presence("lobby") == ["alice", "bob"]
 
         async def silent() -> None:
@@ -319,7 +319,7 @@ async def test_presence_of_an_instance_that_stops_beating_expires_within_its_ttl
                 assert members == ["alice", "bob"]
                 await anyio.sleep(0.02)
         assert time.monotonic() - died < ttl + 0.3
-        assert await alive.presence_add("lobby", "bob", "c-3") is True  # a join again
+        assert (await alive.presence_add("lobby", "bob", "c-3"))[0] is True  # a join again
         assert await alive.presence("lobby") == ["alice", "bob"]
     finally:
         await dying.stop()
@@ -621,7 +621,8 @@ async def test_a_session_resumed_elsewhere_is_released_by_the_instance_it_left(
                 frames.append(await recv(again))
             assert frames[-1]["offset"] == sent["content"]["offset"]
             assert all("seq" not in f for f in frames)  # room frames: numbered by no session
-            assert await frames_before_pong(again, "p1") == []  # once
+            later = await frames_before_pong(again, "p1")  # the other's leave may come late
+            assert [f["type"] for f in later] in ([], ["presence"]), later  # the text once
             # the join's answer and the pong: only instance 2 numbers the session
             pong = await request(again, "p2", "ping", {})
             assert pong["seq"] == resumed["seq"] + 3

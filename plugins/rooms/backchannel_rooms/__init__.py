@@ -187,7 +187,7 @@ class Plugin:
                 for stored in missed or ():
                     connection.deliver(self._frame(stored))
             else:
-                _, offset, epoch = await broker.room_since(room, 0, "")
+                offset, epoch = await broker.room_position(room)
         finally:
             if state.joining.get(session.id) is held:
                 del state.joining[session.id]
@@ -348,20 +348,17 @@ class Plugin:
         """``connection`` is present in ``room``; returns the room's member count."""
         broker = self._app.broker
         member = connection.session.principal_id
-        added = await broker.presence_add(room, member, connection.id)
+        added, count = await broker.presence_add(room, member, connection.id)
         if connection.closing:  # closed meanwhile: its disconnect may have run already
-            await broker.presence_remove(room, member, connection.id)
-            return await broker.presence_count(room)
-        count = await broker.presence_count(room)
+            return (await broker.presence_remove(room, member, connection.id))[1]
         if added and count <= self.large_room:
             self._announce(room, "join", member, skip=connection.session.id)
         return count
 
     async def _absent(self, room: str, connection: Connection) -> None:
-        broker = self._app.broker
         member = connection.session.principal_id
-        gone = await broker.presence_remove(room, member, connection.id)
-        if gone and await broker.presence_count(room) < self.large_room:  # not large before
+        gone, count = await self._app.broker.presence_remove(room, member, connection.id)
+        if gone and count < self.large_room:  # it was not large before
             self._announce(room, "leave", member, skip=connection.session.id)
 
     # lifecycle --------------------------------------------------------------
