@@ -41,6 +41,7 @@ from backchannel import (
     ErrorCode,
     Message,
     Session,
+    StashKey,
     hookimpl,
 )
 from backchannel.contracts import load_schema
@@ -51,6 +52,8 @@ _PKG = "backchannel_rooms"
 
 #: a stored message and its frame, encoded once in this process
 _Held = tuple[dict[str, Any], bytes]
+#: the rooms a connection is present in (its disconnect withdraws it from each)
+_PRESENT = StashKey[set[str]]()
 
 
 def _require(connection: Connection, action: str, room: str) -> None:
@@ -219,9 +222,7 @@ class Plugin:
                 "content.room: not a member of this room",
                 details=[{"path": "content.room", "rule": "not a member of this room"}],
             )
-        state = self.rooms.get(room)
-        if state is not None and state.live.get(session.id) is connection:
-            await self._absent(room, connection)
+        await self._absent(room, connection)
         self._remove_member(room, session.id)
 
     async def presence(self, message: Message, connection: Connection) -> dict[str, Any]:
@@ -351,11 +352,16 @@ class Plugin:
         added, count = await broker.presence_add(room, member, connection.id)
         if connection.closing:  # closed meanwhile: its disconnect may have run already
             return (await broker.presence_remove(room, member, connection.id))[1]
+        connection.stash.setdefault(_PRESENT, set()).add(room)
         if added and count <= self.large_room:
             self._announce(room, "join", member, skip=connection.session.id)
         return count
 
     async def _absent(self, room: str, connection: Connection) -> None:
+        present = connection.stash.get(_PRESENT, set())
+        if room not in present:
+            return
+        present.discard(room)
         member = connection.session.principal_id
         gone, count = await self._app.broker.presence_remove(room, member, connection.id)
         if gone and count < self.large_room:  # it was not large before
@@ -366,14 +372,16 @@ class Plugin:
     @hookimpl
     async def disconnect(self, connection: Connection, code: int) -> None:
         """The connection's rooms deliver nothing more to its session (until a connection
-        of it joins again); it is no longer present there."""
+        of it joins again); it is no longer present where it joined."""
         session_id = connection.session.id
         for room in list(self.joined.get(session_id, ())):
             state = self.rooms.get(room)
             if state is not None and state.live.get(session_id) is connection:
                 del state.live[session_id]
                 state.replayed.pop(session_id, None)
-                await self._absent(room, connection)
+        present: set[str] = connection.stash.get(_PRESENT, set())
+        for room in list(present):
+            await self._absent(room, connection)
 
     @hookimpl
     def session_expired(self, session: Session) -> None:

@@ -377,6 +377,31 @@ async def test_presence_follows_connections_a_resumed_session_is_present_once_it
             await quiet(a)
 
 
+async def test_a_session_taken_over_here_leaves_no_presence_of_its_old_connection() -> None:
+    """A new connection resumes a session whose old connection is still open (closed
+    4009) and joins again at once: whichever of the rejoin and the old connection's
+    disconnect comes first, the member is present through the new connection only."""
+    app = new_app()
+    async with serve_in_memory(app), connect(app) as watcher:
+        await join(watcher)
+        async with connect(app, headers=user("bob")) as old:
+            init = (await old.request("init", {}))["content"]
+            joined = await join(old)
+            last = max(f["seq"] for f in old.frames if "seq" in f)
+            async with connect(app, headers=user("bob")) as new:
+                resume = {"sessionId": init["sessionId"], "lastSeq": last, "epoch": init["epoch"]}
+                resumed = await new.request("init", resume, id="resume")
+                assert resumed["content"]["resumed"] is True
+                since = {"offset": joined["offset"], "epoch": joined["epoch"]}
+                rejoined = await new.request("join", {"room": "lobby", "since": since}, id="j2")
+                assert rejoined["type"] == "join"
+                await eventually(lambda: app.connection(old.connection.id) is None)
+                assert old.close_code == 4009
+                assert await app.broker.presence("lobby") == sorted([me(watcher), "bob"])
+            await eventually(lambda: app.connection(new.connection.id) is None)
+        assert await app.broker.presence("lobby") == [me(watcher)]
+
+
 async def test_a_member_on_two_connections_joins_and_leaves_once() -> None:
     app = new_app()
     async with serve_in_memory(app), connect(app, headers=user("bob")) as bob:
