@@ -344,6 +344,21 @@ local function live(instance)
   end
   return alive[instance]
 end
+-- keep only a member's entries of live instances (its hash field, JSON entries);
+-- returns how many are left (none: the member is gone)
+local function sweep(member, raw)
+  local entries = cjson.decode(raw)
+  local kept = {}
+  for _, e in ipairs(entries) do
+    if live(e[1]) then table.insert(kept, e) end
+  end
+  if #kept == 0 then
+    redis.call('HDEL', KEYS[1], member)
+  elseif #kept < #entries then
+    redis.call('HSET', KEYS[1], member, cjson.encode(kept))
+  end
+  return #kept
+end
 """
 )
 
@@ -364,18 +379,7 @@ PRESENCE_BEAT = (
     + """
 local scan = redis.call('HSCAN', KEYS[1], redis.call('GET', KEYS[3]) or '0', 'COUNT', ARGV[2])
 local found = scan[2]
-for i = 1, #found, 2 do
-  local entries = cjson.decode(found[i + 1])
-  local kept = {}
-  for _, e in ipairs(entries) do
-    if live(e[1]) then table.insert(kept, e) end
-  end
-  if #kept == 0 then
-    redis.call('HDEL', KEYS[1], found[i])
-  elseif #kept < #entries then
-    redis.call('HSET', KEYS[1], found[i], cjson.encode(kept))
-  end
-end
+for i = 1, #found, 2 do sweep(found[i], found[i + 1]) end
 if scan[1] == '0' then
   redis.call('DEL', KEYS[3])
 else
@@ -453,17 +457,7 @@ PRESENCE_LIST = (
 local all = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #all, 2 do
-  local entries = cjson.decode(all[i + 1])
-  local kept = {}
-  for _, e in ipairs(entries) do
-    if live(e[1]) then table.insert(kept, e) end
-  end
-  if #kept == 0 then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    if #kept < #entries then redis.call('HSET', KEYS[1], all[i], cjson.encode(kept)) end
-    table.insert(out, all[i])
-  end
+  if sweep(all[i], all[i + 1]) > 0 then table.insert(out, all[i]) end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 table.sort(out)
