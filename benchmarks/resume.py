@@ -1,22 +1,22 @@
-"""Resume of a session that missed N frames, against receiving the same N frames live (ours only).
+"""Resume of a member that missed N room messages, against receiving the same N live (ours only).
 
 Per repetition, in a fresh room (one process, the ``websockets`` client, uvloop when installed):
 
-1. member A connects, ``init {}`` (session id, epoch), ``join {room}``; publisher B connects and
-   joins (A gets B's ``presence`` join); A notes the highest ``seq`` it has seen and closes;
+1. member A connects, ``init {}`` (session id, epoch), ``join {room}`` (at offset 0); publisher
+   B connects and joins (A gets B's ``presence`` join); A notes the highest ``seq`` it has seen
+   and closes;
 2. once B has A's ``presence`` leave (the server saw the close), B publishes ``--frames``
    ``text {text, room}`` as fast as it can (``--window`` requests in flight) and waits for every
-   answer: A's session outbox now holds N room frames A has not seen;
-3. **resume**: A connects again and sends ``init {sessionId, lastSeq, epoch}``; timed from just
-   before that send to the arrival of the init answer, which comes after the N replayed frames.
-   Checked: ``resumed: true``, ``missed: N``, N room frames replayed, offsets consecutive;
-4. **live**: A (resumed, a member again) stays connected while B publishes N more as fast as it
+   answer: the room's history now holds N messages A has not seen (none is in A's outbox:
+   room messages ride the room's stream, issue 13);
+3. **resume**: A connects again, sends ``init {sessionId, lastSeq, epoch}`` (answered
+   ``resumed: true``, ``rooms: [room]``) and then ``join {room, since: {offset: 0, epoch}}``,
+   as the shipped clients do; timed from just before the init to when A had the join's answer
+   and the N replayed room frames. Checked: ``resumed: true``, the join's ``missed: N``, N
+   room frames replayed, offsets consecutive;
+4. **live**: A (resumed, joined again) stays connected while B publishes N more as fast as it
    can; timed from the first room frame's arrival at A to the last's (as the issue defines it),
    also from B's first send to A's last arrival.
-
-Server settings are the caller's: with the defaults (``session.outbox_size`` 1000) A's outbox
-holds exactly the 1,000 frames after ``lastSeq`` (init answer, join answer and B's presence
-event came before it).
 
     python benchmarks/resume.py --url ws://127.0.0.1:8765/ws [--frames 1000] [--reps 5]
 """
@@ -131,12 +131,8 @@ async def publish_burst(b: Client, room: str, n: int, window: int, tag: str) -> 
 
 
 def room_frames(frames: list[tuple[float, dict[str, Any]]], room: str) -> list[Any]:
-    """The room frames (``text`` without ``replyTo``) of ``room`` among ``frames``."""
-    return [
-        (t, f)
-        for t, f in frames
-        if f["type"] == "text" and "replyTo" not in f and f["content"].get("room") == room
-    ]
+    """The room messages (room frames of type ``text``) of ``room`` among ``frames``."""
+    return [(t, f) for t, f in frames if f["type"] == "text" and f.get("room") == room]
 
 
 async def one_rep(url: str, rep: int, n: int, window: int) -> dict[str, Any]:
@@ -149,7 +145,7 @@ async def one_rep(url: str, rep: int, n: int, window: int) -> dict[str, Any]:
     b = await Client.open(url)
     await b.request("join", {"room": room})
     await a.wait_for(lambda f: f["type"] == "presence" and f["content"].get("event") == "join")
-    last_seq = max(f["seq"] for _, f in a.frames)
+    last_seq = max(f["seq"] for _, f in a.frames if "seq" in f)  # room frames have none
     await a.close()
     await b.wait_for(
         lambda f: (
@@ -160,16 +156,23 @@ async def one_rep(url: str, rep: int, n: int, window: int) -> dict[str, Any]:
     )
     missed_pub = await publish_burst(b, room, n, window, f"m{rep}")
 
-    # Resume: from sending init to its answer (after the replayed frames).
+    # Resume: from sending init to having the join's answer and the replayed frames.
     a2 = await Client.open(url)
     content = {"sessionId": session_id, "lastSeq": last_seq, "epoch": epoch}
     began = time.monotonic()
     rid = await a2.send("init", content, "resume")
-    arrived, answer = await a2.wait_for(lambda f: f.get("replyTo") == rid)
-    resume_s = arrived - began
-    at = next(i for i, (_, f) in enumerate(a2.frames) if f is answer)
-    replayed = room_frames(a2.frames[:at], room)  # replayed frames come before the answer
-    offsets = [f["content"]["offset"] for _, f in replayed]
+    _, answer = await a2.wait_for(lambda f: f.get("replyTo") == rid)
+    since = {"offset": 0, "epoch": epoch}
+    jid = await a2.send("join", {"room": room, "since": since}, "rejoin")
+    joined_at, joined = await a2.wait_for(lambda f: f.get("replyTo") == jid)
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while len(room_frames(a2.frames, room)) < n and not a2.reader.done():
+            a2.changed.clear()
+            await a2.changed.wait()
+    replayed = room_frames(a2.frames, room)
+    resume_s = max(joined_at, replayed[-1][0] if replayed else 0.0) - began
+    at = len(a2.frames)
+    offsets = [f["offset"] for _, f in replayed]
     consecutive = bool(offsets) and offsets == list(range(offsets[0], offsets[0] + len(offsets)))
 
     # Live: the same number of frames while A is connected.
@@ -182,7 +185,7 @@ async def one_rep(url: str, rep: int, n: int, window: int) -> dict[str, Any]:
     live = room_frames(a2.frames[start:], room)
     live_s = live[-1][0] - live[0][0] if len(live) > 1 else None
     live_total_s = live[-1][0] - live_pub["began"] if live else None
-    live_offsets = [f["content"]["offset"] for _, f in live]
+    live_offsets = [f["offset"] for _, f in live]
     await a2.close()
     await b.close()
     return {
@@ -190,7 +193,8 @@ async def one_rep(url: str, rep: int, n: int, window: int) -> dict[str, Any]:
         "last_seq": last_seq,
         "resumed": answer["content"].get("resumed"),
         "reason": answer["content"].get("reason"),
-        "missed": answer["content"].get("missed"),
+        "rooms": answer["content"].get("rooms"),
+        "missed": joined["content"].get("missed"),
         "replayed": len(replayed),
         "replayed_consecutive": consecutive,
         "frames_before_answer": at,

@@ -578,7 +578,9 @@ def main() -> None:
         help="a Redis URL to share (default: a fresh private redis-server per system and run)",
     )
     parser.add_argument(
-        "--scaleout-systems", default="socketio,ours", help="which of socketio, ours to run"
+        "--scaleout-systems",
+        default="socketio,wsredis,ours",
+        help="which of socketio, wsredis, ours to run",
     )
     parser.add_argument(
         "--peer-server",

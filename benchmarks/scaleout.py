@@ -6,6 +6,8 @@ cost is the same:
 * ``ours``: backchannel.v1 at ``<url>/ws``; a subscriber sends ``init {}`` and
   ``join {room}``; the publisher (also a member: ours wants one to publish) sends
   ``text {text, room}``, answered once the instance has published it;
+* ``wsredis``: the hand-rolled ``websockets`` + Redis pub/sub fan-out of
+  peer_redis_fanout.py, spoken to exactly as ours (it answers the same requests);
 * ``socketio``: Engine.IO v4 / Socket.IO v5 over a plain WebSocket,
   ``<url>/socket.io/?EIO=4&transport=websocket``: ``40`` connects the namespace, a subscriber
   emits ``join`` (with an ack), the publisher emits ``pub {room, text}`` (with an ack),
@@ -23,6 +25,9 @@ the machine, so a subscriber computes ``arrival - sent`` itself. Phases, one aft
 3. throughput: ``--tput-messages`` sent as fast as the instance answers, at most ``--window``
    unanswered; delivered messages/s at the subscribers = deliveries / (last delivery - first
    send); accepted/s at the publisher = messages / (last answer - first send).
+
+A fourth figure set, ``with_joins``, spans the room's filling too: from before the first
+subscriber connects to the end of the latency phase (joins, warm-up and latency messages).
 
 Per phase: the CPU (utime + stime, /proc) of the three server process trees, each and summed,
 per delivered message; the receivers' CPU; a private ``redis-server``'s CPU when its pid is
@@ -67,7 +72,11 @@ from websockets.exceptions import ConnectionClosed
 
 __all__ = ["SYSTEMS", "Scaleout", "fmt_tables", "redis_info", "run_phase", "run_scaleout"]
 
-SYSTEMS = ("ours", "socketio")
+SYSTEMS = ("ours", "socketio", "wsredis")
+#: systems spoken to in backchannel.v1 (init, join, text with a room)
+BACKCHANNEL = frozenset({"ours", "wsredis"})
+#: the peers, in the order of the summary's columns
+PEERS = ("socketio", "wsredis")
 JOIN_BATCH = 50  # subscribers joining at once, per receiver process
 READY_TIMEOUT = 300.0  # seconds for all subscribers to connect and join
 EIO_PATH = "/socket.io/?EIO=4&transport=websocket"
@@ -259,6 +268,7 @@ async def _socketio(url: str, room: str, name: str, rx: Receiver, joined: Joined
 SUBSCRIBE: dict[str, Callable[[str, str, str, Receiver, Joined], Coroutine[Any, Any, None]]] = {
     "ours": _ours,
     "socketio": _socketio,
+    "wsredis": _ours,
 }
 
 
@@ -334,7 +344,7 @@ class Publisher:
 
     async def start(self) -> None:
         """Ours: init and join (members publish); Socket.IO: connect the namespace."""
-        if self.sc.system == "ours":
+        if self.sc.system in BACKCHANNEL:
             await self.ws.send(b'{"id":"pi","type":"init","content":{}}', text=True)
             join = {"id": "pj", "type": "join", "content": {"room": self.sc.room}}
             await self.ws.send(orjson.dumps(join), text=True)
@@ -349,7 +359,7 @@ class Publisher:
             self.window.release()
 
     async def _read(self) -> None:
-        ours = self.sc.system == "ours"
+        ours = self.sc.system in BACKCHANNEL
         try:
             async for raw in self.ws:
                 if ours:
@@ -389,7 +399,7 @@ class Publisher:
         now = time.monotonic()
         text = f"{n} {now:.6f}"
         self.sent[n] = now
-        if self.sc.system == "ours":
+        if self.sc.system in BACKCHANNEL:
             request = {
                 "id": f"p-{n}",
                 "type": "text",
@@ -488,6 +498,7 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
     pipes: list[Connection] = []
     workers = []
     split = [sc.subscribers // 2, sc.subscribers - sc.subscribers // 2]
+    m_empty = Meter(sc, []).read()  # before the first subscriber connects (joins included)
     for k, url in enumerate(sc.urls[1:]):  # instances 2 and 3
         ours, theirs = ctx.Pipe()
         names = [f"s{k}-{i}" for i in range(split[k])]
@@ -501,10 +512,11 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
     setup_failures = [f for r in ready for f in r[2]]
     meter = Meter(sc, [w.pid for w in workers if w.pid is not None])
 
-    url = f"{sc.urls[0]}/ws" if sc.system == "ours" else f"{sc.urls[0]}{EIO_PATH}"
+    bc = sc.system in BACKCHANNEL
+    url = f"{sc.urls[0]}/ws" if bc else f"{sc.urls[0]}{EIO_PATH}"
     ws = await connect(
         url,
-        subprotocols=[SUBPROTOCOL] if sc.system == "ours" else None,
+        subprotocols=[SUBPROTOCOL] if bc else None,
         compression=None,
         ping_interval=None,
         max_size=None,
@@ -577,6 +589,9 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
 
     lat_phase = phase(first, last) | {"send_s": send_s}
     lat_phase |= _delta(m0, m1, sc.messages, lat_phase["deliveries"])
+    filled = phase(0, last)
+    with_joins = {"deliveries": filled["deliveries"], "expected": filled["expected"]}
+    with_joins |= _delta(m_empty, m1, last, filled["deliveries"])
     tput = phase(t_first, t_last)
     answered_at = [pub.answered[n] for n in range(t_first, t_last) if n in pub.answered]
     span = (tput["latest_arrival"] or done_at) - tput_sent
@@ -611,6 +626,7 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
         "unanswered": unanswered,
         "latency": lat_phase,
         "throughput": tput,
+        "with_joins": with_joins,
     }
 
 
@@ -627,6 +643,10 @@ OURS_PLUGINS = ["init", "text", "rooms", "redis"]
 PEER = (
     "{{python}} benchmarks/peer_socketio.py --host 127.0.0.1 --port {{port}} "
     "--redis {redis} --channel {channel} --server {server} --ws {ws}"
+)
+WSREDIS = (
+    "{{python}} benchmarks/peer_redis_fanout.py --host 127.0.0.1 --port {{port}} "
+    "--redis {redis} --channel {channel} --uvloop"
 )
 REDIS_SERVER = "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no"
 
@@ -659,7 +679,7 @@ def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> N
     """
     rows: list[dict[str, Any]] = results.setdefault("scaleout", [])
     quick = args.quick
-    order = [s for s in ("socketio", "ours") if s in args.scaleout_systems.split(",")]
+    order = [s for s in (*PEERS, "ours") if s in args.scaleout_systems.split(",")]
     for rep in range(1 if quick else args.scaleout_reps):
         for system in order if rep % 2 == 0 else order[::-1]:
             redis_srv = None
@@ -680,6 +700,10 @@ def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> N
                             "BACKCHANNEL_PLUGINS__REDIS__KEY_PREFIX": f"bench-scaleout-{tag}",
                         }
                         srv = make(f"ours-scaleout-{k}", args.ours, "uvloop", env)
+                    elif system == "wsredis":
+                        env = {}
+                        template = WSREDIS.format(redis=redis_url, channel=f"bench-wsredis-{tag}")
+                        srv = make(f"wsredis-{k}", template, "uvloop", env)
                     else:
                         env = {}
                         template = PEER.format(
@@ -867,9 +891,11 @@ def fmt_tables(results: dict[str, Any]) -> str:
         ],
     )
     lines.append("")
-    lines += md(
-        ["figure (median of the runs)", "ours", "socketio", "ours / socketio"], summary(rows)
-    )
+    peers = [p for p in PEERS if any(r["server"] == p for r in rows)]
+    header = ["figure (median of the runs)", "ours"]
+    for peer in peers:
+        header += [peer, f"ours / {peer}"]
+    lines += md(header, summary(rows, peers))
     return "\n".join(lines)
 
 
@@ -891,11 +917,30 @@ SUMMARY = [
         "redis_calls_per_message_total",
         ",.1f",
     ),
+    (
+        "joins + warm-up + latency: server CPU-µs/delivery",
+        "with_joins",
+        "server_cpu_us_per_delivery",
+        ".1f",
+    ),
+    (
+        "joins + warm-up + latency: Redis CPU-µs/delivery",
+        "with_joins",
+        "redis_cpu_us_per_delivery",
+        ".2f",
+    ),
+    ("joins + warm-up + latency: server + Redis CPU-µs/delivery", "with_joins", "+redis", ".1f"),
+    (
+        "joins + warm-up + latency: Redis commands/message",
+        "with_joins",
+        "redis_calls_per_message_total",
+        ",.1f",
+    ),
 ]
 
 
-def summary(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Medians per system over the runs of ``rows``, and ours / the peer's."""
+def summary(rows: list[dict[str, Any]], peers: list[str]) -> list[list[str]]:
+    """Medians per system over the runs of ``rows``, and ours / each peer's."""
 
     def value(row: dict[str, Any], key: str) -> float | None:
         if key == "+redis":  # what the deployment spends: the servers and the Redis
@@ -905,21 +950,28 @@ def summary(rows: list[dict[str, Any]]) -> list[list[str]]:
         return v
 
     def median(system: str, phase: str, key: str) -> float | None:
-        values = [v for r in rows if r["server"] == system for v in [value(r[phase], key)]]
+        values = [
+            v for r in rows if r["server"] == system and phase in r for v in [value(r[phase], key)]
+        ]
         known = [v for v in values if v is not None]
         return statistics.median(known) if known else None
 
     out = []
     for label, phase, key, spec in SUMMARY:
-        ours, peer = median("ours", phase, key), median("socketio", phase, key)
-        # the peer's Redis figures are near zero (its CPU within a tick): no ratio for those
-        plain = "Redis CPU" not in label and "Redis commands" not in label
-        rt = ours / peer if ours is not None and peer and (plain or "+" in label) else None
-        out.append([label, _f(ours, spec), _f(peer, spec), _f(rt, ".2f") + ("x" if rt else "")])
+        ours = median("ours", phase, key)
+        row = [label, _f(ours, spec)]
+        for peer in peers:
+            theirs = median(peer, phase, key)
+            # the peers' Redis figures are near zero (within a tick): no ratio for those
+            plain = "Redis CPU" not in label and "Redis commands" not in label
+            rt = ours / theirs if ours is not None and theirs and (plain or "+" in label) else None
+            row += [_f(theirs, spec), _f(rt, ".2f") + ("x" if rt else "")]
+        out.append(row)
     for label, key in (("lost deliveries", "lost"), ("out-of-order deliveries", "out_of_order")):
-        ours_n = sum(r[key] for r in rows if r["server"] == "ours")
-        peer_n = sum(r[key] for r in rows if r["server"] == "socketio")
-        out.append([f"{label} (all runs)", f"{ours_n:,}", f"{peer_n:,}", ""])
+        row = [f"{label} (all runs)", f"{sum(r[key] for r in rows if r['server'] == 'ours'):,}"]
+        for peer in peers:
+            row += [f"{sum(r[key] for r in rows if r['server'] == peer):,}", ""]
+        out.append(row)
     return out
 
 

@@ -172,6 +172,30 @@ async def test_session_log_returns_frames_after_seq_in_order_unchanged(broker: B
     assert await log.since(2) == frames[2:]
 
 
+async def test_appended_frames_are_delivered_once_in_order_and_kept(broker: Broker) -> None:
+    """``append`` hands each frame to ``deliver`` exactly once, in the order appended (a
+    networked broker once the write is acknowledged), and the frames are kept."""
+    log = broker.open_session("s-deliver", "alice")
+    other = broker.open_session("s-deliver-2", "bob")
+    delivered: list[bytes] = []
+    frames = [frame(seq) for seq in (1, 2, 3)]
+    for seq, data in enumerate(frames, 1):
+        log.append(seq, data, delivered.append)
+        other.append(seq, frame(seq, size=9), None)  # no connection: kept, not delivered
+
+    async def probe() -> int:
+        return len(delivered)
+
+    await until(probe, lambda n: n >= 3)
+    assert delivered == frames
+    record = await broker.find_session("s-deliver")
+    assert record is not None and record.last_seq == 3
+    assert await record.log.since(0) == frames
+    log.append(4, frame(4), delivered.append)  # the witness: nothing else was delivered
+    await until(probe, lambda n: n >= 4)
+    assert delivered == [*frames, frame(4)]
+
+
 async def test_since_last_seq_is_empty_and_last_seq_lets_the_caller_see_ahead(
     broker: Broker,
 ) -> None:
@@ -527,32 +551,75 @@ async def test_position_query_of_a_new_room_gives_offset_zero_and_a_lasting_epoc
 
 
 async def test_presence_counts_a_member_once_whatever_its_keys(broker: Broker) -> None:
-    assert await broker.presence_add("lobby", "alice", "c-1") is True
-    assert await broker.presence_add("lobby", "alice", "c-2") is False
-    assert await broker.presence_add("lobby", "alice", "c-2") is False  # same key again
-    assert await broker.presence("lobby") == ["alice"]
-    assert await broker.presence_remove("lobby", "alice", "c-1") is False  # c-2 remains
-    assert await broker.presence("lobby") == ["alice"]
-    assert await broker.presence_remove("lobby", "alice", "c-2") is True
+    """``presence_add``/``presence_remove`` say whether the member came or went, and how
+    many members the room has then."""
+    assert await broker.presence_add("lobby", "alice", "c-1") == (True, 1)
+    assert await broker.presence_add("lobby", "alice", "c-2") == (False, 1)
+    assert await broker.presence_add("lobby", "alice", "c-2") == (False, 1)  # same key again
+    assert await broker.presence_add("lobby", "bob", "c-3") == (True, 2)
+    assert await broker.presence("lobby") == ["alice", "bob"]
+    assert await broker.presence_remove("lobby", "alice", "c-1") == (False, 2)  # c-2 remains
+    assert await broker.presence("lobby") == ["alice", "bob"]
+    assert await broker.presence_remove("lobby", "alice", "c-2") == (True, 1)
+    assert await broker.presence_remove("lobby", "bob", "c-3") == (True, 0)
     assert await broker.presence("lobby") == []
-    assert await broker.presence_add("lobby", "alice", "c-3") is True  # back again
+    assert await broker.presence_add("lobby", "alice", "c-3") == (True, 1)  # back again
 
 
 async def test_removing_an_unknown_presence_key_is_false(broker: Broker) -> None:
-    assert await broker.presence_remove("lobby", "alice", "c-1") is False
+    assert await broker.presence_remove("lobby", "alice", "c-1") == (False, 0)
     await broker.presence_add("lobby", "alice", "c-1")
-    assert await broker.presence_remove("lobby", "alice", "c-9") is False
-    assert await broker.presence_remove("lobby", "bob", "c-1") is False
-    assert await broker.presence_remove("elsewhere", "alice", "c-1") is False
+    assert await broker.presence_remove("lobby", "alice", "c-9") == (False, 1)
+    assert await broker.presence_remove("lobby", "bob", "c-1") == (False, 1)
+    assert await broker.presence_remove("elsewhere", "alice", "c-1") == (False, 0)
     assert await broker.presence("lobby") == ["alice"]
+
+
+async def test_a_listener_subscribed_before_the_position_gets_exactly_what_follows(
+    broker: Broker,
+) -> None:
+    """``room_position`` read after subscribing splits the room's messages: the listener
+    gets every message after it and none up to it, however publishes interleave."""
+    for n in range(3):
+        await publish(broker, "lobby", f"before {n}")
+    heard = Collector()
+    broker.subscribe("lobby", heard)
+    published: list[dict[str, Any]] = []
+
+    async def talk() -> None:
+        for n in range(20):
+            published.append(await publish(broker, "lobby", f"during {n}"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(talk)
+        offset, epoch = await broker.room_position("lobby")
+    assert offset >= 3 and epoch == published[0]["epoch"]
+    await heard.wait_for(23 - offset)
+    assert heard.offsets == list(range(offset + 1, 24))
+    assert await broker.room_position("lobby") == (23, epoch)  # all delivered by now
+
+
+async def test_presence_count_counts_members_once_per_room(broker: Broker) -> None:
+    assert await broker.presence_count("lobby") == 0
+    await broker.presence_add("lobby", "alice", "c-1")
+    await broker.presence_add("lobby", "alice", "c-2")
+    await broker.presence_add("lobby", "bob", "c-3")
+    await broker.presence_add("support", "carol", "c-4")
+    assert await broker.presence_count("lobby") == 2
+    assert await broker.presence_count("support") == 1
+    await broker.presence_remove("lobby", "alice", "c-1")
+    assert await broker.presence_count("lobby") == 2  # alice is still there through c-2
+    await broker.presence_remove("lobby", "alice", "c-2")
+    assert await broker.presence_count("lobby") == 1
+    assert await broker.presence_count("lobby") == len(await broker.presence("lobby"))
 
 
 async def test_presence_is_sorted_and_per_room(broker: Broker) -> None:
     for member in ("carol", "alice", "bob"):
-        assert await broker.presence_add("lobby", member, f"c-{member}") is True
-    assert await broker.presence_add("support", "alice", "c-alice") is True  # same key, other room
+        assert (await broker.presence_add("lobby", member, f"c-{member}"))[0] is True
+    assert await broker.presence_add("support", "alice", "c-alice") == (True, 1)  # other room
     assert await broker.presence("lobby") == ["alice", "bob", "carol"]
     assert await broker.presence("support") == ["alice"]
     assert await broker.presence("empty") == []
-    assert await broker.presence_remove("support", "alice", "c-alice") is True
+    assert await broker.presence_remove("support", "alice", "c-alice") == (True, 0)
     assert await broker.presence("lobby") == ["alice", "bob", "carol"]

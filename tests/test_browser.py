@@ -329,6 +329,56 @@ async def test_two_pages_chat_in_a_room() -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
+async def test_a_room_away_is_caught_up_by_its_rejoin_from_room_frames() -> None:
+    """Issue 13: room messages ride room frames (``room``, ``offset``, ``epoch``, no
+    ``seq``) and are kept in no outbox. A browser client whose connection drops resumes
+    its session, is told which rooms to re-join, joins them again with ``since`` and
+    shows what was published meanwhile once, in order (``a`` publishes while ``b`` is
+    away and while it re-joins)."""
+    app = make_app({"server": {"demo": True}}, plugins=WITH_ROOMS)
+    async with serving(app), chromium() as browser:
+        page = await open_page(browser, app)
+        await page.state("connected")
+        result = await page.page.evaluate(
+            """async () => {
+                const { connect } = await import("/static/backchannel.js");
+                const url = `ws://${location.host}/ws`;
+                const until = async (check) => {
+                    for (let i = 0; i < 500 && !check(); i++) {
+                        await new Promise((r) => setTimeout(r, 10));
+                    }
+                    return check();
+                };
+                const got = [], frames = [], states = [];
+                const onState = (s) => states.push(s);
+                const b = await connect(url, { onState });
+                await b.subscribe("away", (m, f) => { got.push(m.text); frames.push(f); });
+                const a = await connect(url);
+                const room = await a.subscribe("away", () => {});
+                await room.publish("one");
+                await until(() => got.length === 1);
+                b._conn.ws.close(); // the browser drops b's connection
+                await room.publish("two");
+                await room.publish("three");
+                await until(() => states.includes("resumed") && got.length === 3);
+                await new Promise((r) => setTimeout(r, 300)); // a duplicate would be here now
+                a.close();
+                b.close();
+                return {
+                    got,
+                    states,
+                    frames: frames.map((f) => [f.room, f.offset, typeof f.epoch, "seq" in f]),
+                };
+            }"""
+        )
+        assert result["got"] == ["one", "two", "three"], result
+        assert result["frames"] == [["away", n, "string", False] for n in (1, 2, 3)]
+        assert "resumed" in result["states"], result
+        assert page.errors == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
 async def test_every_message_once_in_order_after_the_server_kills_every_connection() -> None:
     """Issue 3 item 8: both pages show every message exactly once, in order, after reconnect.
 

@@ -179,6 +179,16 @@ class PeerConn:
         self.wire.send_text(json.dumps(frame).encode())
         await self._flush()
 
+    async def send_room(self, type: str, content: dict[str, Any]) -> None:
+        """A room frame: ``room`` (``offset`` and ``epoch`` for a message), no ``seq``."""
+        frame: dict[str, Any] = {"id": f"r{content.get('offset')}", "type": type}
+        frame |= {"content": content, "room": content["room"]}
+        if "offset" in content:
+            frame |= {"offset": content["offset"], "epoch": content["epoch"]}
+        frame["timestamp"] = "2026-01-01T00:00:00.000Z"
+        self.wire.send_text(json.dumps(frame).encode())
+        await self._flush()
+
     async def answer_init(
         self, seq: int, session: str = "s-1", resumed: bool = False, **extra: Any
     ) -> dict[str, Any]:
@@ -973,39 +983,55 @@ async def test_client_waits_out_a_server_whose_broker_is_away() -> None:
 
 
 async def test_subscribe_dedupes_by_offset_rejoins_with_since_and_flags_gaps() -> None:
-    async with peer_client() as s:
+    """A subscription takes its room's messages from room frames only (a publish's reply
+    just answers it), holds those that arrive before its join is answered (the answer
+    may announce a gap that comes first), re-joins with ``since`` after every reconnect
+    (a resumed session too: its rooms deliver nothing until joined again) and drops
+    what it has by offset."""
+    async with peer_client() as s, anyio.create_task_group() as tg:
         room = s.client.subscribe("lobby")
         one = s.conn
         join = await one.recv()
         assert join["type"] == "join" and join["content"] == {"room": "lobby"}
-        answer = {"room": "lobby", "members": [], "offset": 0, "epoch": "e1"}
-        await one.send("join", answer, 2, join["id"])
         msg = {"room": "lobby", "epoch": "e1", "from": "u:1"}
-        await one.send("text", {**msg, "offset": 1, "text": "m1"}, 3)
-        await one.send("text", {**msg, "offset": 2, "text": "m2"}, 4)
+        await one.send_room("text", {**msg, "offset": 1, "text": "m1"})  # before the answer
+        answer = {"room": "lobby", "count": 1, "offset": 0, "epoch": "e1"}
+        await one.send("join", answer, 2, join["id"])
+        replies: list[dict[str, Any]] = []
+
+        async def publish() -> None:
+            replies.append(await room.publish("m2"))
+
+        tg.start_soon(publish)
+        text = await one.recv()
+        assert text["content"] == {"room": "lobby", "text": "m2"}
+        mine = {**msg, "offset": 2, "text": "m2"}
+        await one.send("text", mine, 3, text["id"])  # the reply: no room message
+        await one.send_room("text", mine)  # the room frame: one
         items: list[Any] = []
         with anyio.fail_after(5):
             items += [await room.__anext__(), await room.__anext__()]
         await one.drop()
 
         two = await s.peer.accept()
-        await two.answer_init(1, session="s-2")  # resume refused: the room replay fills in
+        await two.answer_init(4, session="s-1", resumed=True, rooms=["lobby"])
         join = await two.recv()
         assert join["content"] == {"room": "lobby", "since": {"offset": 2, "epoch": "e1"}}
-        await two.send("text", {**msg, "offset": 2, "text": "m2"}, 2, join["id"])  # overlap
-        await two.send("text", {**msg, "offset": 3, "text": "m3"}, 3, join["id"])
-        await two.send("join", {**answer, "offset": 3, "recovered": True}, 4, join["id"])
+        await two.send_room("text", {**msg, "offset": 2, "text": "m2"})  # overlap
+        await two.send_room("text", {**msg, "offset": 3, "text": "m3"})  # replayed
+        await two.send_room("text", {**msg, "offset": 4, "text": "m4"})  # live, early
+        await two.send("join", {**answer, "offset": 3, "recovered": True}, 5, join["id"])
         with anyio.fail_after(5):
-            items.append(await room.__anext__())
+            items += [await room.__anext__(), await room.__anext__()]
         await two.drop()
 
         three = await s.peer.accept()
-        await three.answer_init(1, session="s-3")
+        await three.answer_init(1, session="s-3")  # resume refused: the room replay fills in
         join = await three.recv()
-        assert join["content"]["since"] == {"offset": 3, "epoch": "e1"}
+        assert join["content"]["since"] == {"offset": 4, "epoch": "e1"}
+        await three.send_room("text", {**msg, "epoch": "e2", "offset": 1, "text": "n1"})
         lost = {**answer, "epoch": "e2", "recovered": False}
         await three.send("join", lost, 2, join["id"])
-        await three.send("text", {**msg, "epoch": "e2", "offset": 1, "text": "n1"}, 3)
         with anyio.fail_after(5):
             items += [await room.__anext__(), await room.__anext__()]
         await room.aclose()
@@ -1013,7 +1039,8 @@ async def test_subscribe_dedupes_by_offset_rejoins_with_since_and_flags_gaps() -
         assert leave["type"] == "leave" and leave["content"] == {"room": "lobby"}
         assert [i async for i in room] == []
     texts = [i["text"] if isinstance(i, dict) else i for i in items]
-    assert texts == ["m1", "m2", "m3", Gap("lobby", "not_recovered", "e2", None), "n1"]
+    assert texts == ["m1", "m2", "m3", "m4", Gap("lobby", "not_recovered", "e2", None), "n1"]
+    assert replies == [mine]
 
 
 async def test_heartbeat_reconnects_when_pongs_stop() -> None:

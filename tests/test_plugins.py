@@ -236,7 +236,6 @@ def test_plugins_command_lists_installed_plugins_as_json(
             "disconnect",
             "message_types",
             "session_expired",
-            "session_resumed",
             "startup",
             "wrap_handler",
         ],

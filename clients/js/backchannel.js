@@ -26,7 +26,14 @@
  *   token never goes in the URL), drops replayed frames it already saw
  *   (`seq <= lastSeq`), re-sends every request that has no answer yet with the
  *   same id (the server answers a retry from its dedupe cache instead of
- *   running the handler twice), and re-joins its rooms with `since`;
+ *   running the handler twice), and re-joins its rooms with `since` (a room
+ *   delivers nothing to a resumed session until it is joined again; messages
+ *   replayed twice are dropped by offset);
+ * - two streams reach it: the session's frames (answers, pushes; numbered by
+ *   `seq`) and the rooms' frames (`room`, `offset`, `epoch`; no `seq`), each in
+ *   order, with no order between them: a subscription takes its messages from
+ *   room frames only (a publish's reply just settles the request) and holds
+ *   them while its join is unanswered;
  * - an `init` answered `overloaded`, `shutting_down` or `rate_limited` means "not
  *   now": the client drops that connection and reconnects with backoff (waiting
  *   at least `retryAfter`), before the first connection too, keeping its session;
@@ -69,8 +76,6 @@ const NO_RETRY = new Set([1008, 4001, 4003, 4009]);
  * the session to resume, even before the first connection succeeded.
  */
 const RETRY_INIT = new Set(["overloaded", "shutting_down", "rate_limited"]);
-/** Frame types that are never room messages, even when their content names a room. */
-const NOT_ROOM_MESSAGES = new Set(["join", "presence", "ack", "error", "chunk"]);
 const OPEN = 1; // WebSocket.OPEN, without depending on the global
 
 /**
@@ -602,15 +607,16 @@ export class Client {
         claimed = true;
       }
     }
-    // Room traffic: a message (a reply to our own publish, a member's message, a
-    // replay before a join answer) or a presence event.
-    const sub = typeof content.room === "string" ? this._rooms.get(content.room) : undefined;
+    // A room frame (`room`, no `seq`): a message (live, or a join's replay) or a
+    // presence event of a subscribed room.
+    const sub =
+      typeof frame.room === "string" && replyTo == null ? this._rooms.get(frame.room) : undefined;
     if (sub) {
       if (frame.type === "presence" && typeof content.event === "string") {
         sub._presenceEvent(content);
         return;
       }
-      if (!NOT_ROOM_MESSAGES.has(frame.type) && Number.isInteger(content.offset)) {
+      if (Number.isInteger(frame.offset)) {
         sub._message(content, frame);
         return;
       }
@@ -869,8 +875,11 @@ export class Subscription {
     this.client = client;
     /** @type {string} */
     this.room = room;
-    /** @type {string[]} principal ids in the room, kept current by presence events */
+    /** @type {string[]} principal ids in the room, kept current by presence events
+     * (a large room, `rooms.large_room` on the server, sends neither: see `count`) */
     this.members = [];
+    /** @type {number|null} members present, from the last join answer */
+    this.count = null;
     /** @type {string|number|null} the room's epoch (offsets restart in a new one) */
     this.epoch = null;
     /** @type {number|null} the offset of the last message delivered (or the join offset) */
@@ -880,6 +889,8 @@ export class Subscription {
     this._onMessage = onMessage;
     this._options = options;
     this._seen = null; // offset of the last delivered message, in this epoch
+    /** @type {Array<[object, object]>|null} messages held while a join is unanswered */
+    this._held = [];
   }
 
   /**
@@ -907,8 +918,17 @@ export class Subscription {
   /** The answer to our first `join`. */
   _joined(content) {
     this.joined = true;
+    this._answered(content);
+  }
+
+  /** A join's answer: its position and members, then the messages held meanwhile. */
+  _answered(content) {
     this._position(content);
-    this._setMembers(content.members || [], null);
+    if (Number.isInteger(content.count)) this.count = content.count;
+    if (Array.isArray(content.members)) this._setMembers(content.members, null);
+    const held = this._held ?? [];
+    this._held = null;
+    for (const [message, frame] of held) this._message(message, frame);
   }
 
   /** After a reconnect: join again from the last message seen. */
@@ -919,9 +939,11 @@ export class Subscription {
     }
     const client = this.client;
     const id = client._nextId();
+    if (this._held === null) this._held = [];
     conn.internal.set(id, (frame) => {
       if (client._rooms.get(this.room) !== this) return;
       if (frame.type === "error") {
+        this._held = null;
         client._call(this._options.onError, BackchannelError.fromFrame(frame));
         return;
       }
@@ -935,8 +957,7 @@ export class Subscription {
           reason: "not_recovered",
         });
       }
-      this._position(c);
-      this._setMembers(c.members || [], null);
+      this._answered(c);
     });
     client._write(conn, { id, type: "join", content });
   }
@@ -952,8 +973,12 @@ export class Subscription {
     }
   }
 
-  /** A room message: deliver it unless it was delivered already. */
+  /** A room message: held while a join is unanswered, else delivered unless seen. */
   _message(content, frame) {
+    if (this._held !== null) {
+      this._held.push([content, frame]);
+      return;
+    }
     if (content.epoch !== undefined && this.epoch !== null && content.epoch !== this.epoch) {
       // The room's history restarted while we were connected (e.g. the broker lost it).
       this.client._call(this._options.onGap, {

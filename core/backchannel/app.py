@@ -33,6 +33,7 @@ from . import plugins as discovery
 from .broker import Broker
 from .config import Settings
 from .connection import Connection, Transport
+from .contracts import encode
 from .counters import Counters
 from .errors import ErrorCode
 from .hooks import Gateway, new_manager
@@ -269,6 +270,18 @@ class App:
         kind, body = _split(type, content)
         self.broker.tell(None, {"op": "broadcast", "type": kind, "content": body})
         return self._hub.broadcast(kind, body)
+
+    def encode_frame(self, type: str, content: Any, **fields: Any) -> bytes:
+        """One server frame that no session numbers (no ``seq``): a fresh ``id``, ``type``,
+        ``content``, then ``fields`` (a room frame: ``room``, ``offset``, ``epoch``) and
+        the ``timestamp``, encoded once, to be written to any number of connections with
+        :meth:`Connection.deliver`. Raises ``TypeError`` when ``content`` is not JSON."""
+        clock = self._hub.clock
+        frame: dict[str, Any] = {"id": clock.frame_id(), "type": type, "content": content}
+        frame.update(fields)
+        frame["timestamp"] = clock.now_iso()
+        data: bytes = encode(frame)
+        return data
 
     # ---------------------------------------------------------- introspection
 

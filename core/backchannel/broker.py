@@ -117,6 +117,12 @@ class Broker(Protocol):
     async def stop(self) -> None:
         """Disconnect; called once at App shutdown."""
 
+    async def flush(self) -> None:
+        """Return once every session frame appended so far was kept and handed to its
+        ``deliver`` (within a bound of the broker's own; never raises). The hub calls it
+        at shutdown, so that the last frames (the going-away notice, the answers of
+        interrupted handlers) leave before the connections close."""
+
     # sessions ---------------------------------------------------------------
 
     def open_session(self, session_id: str, principal_id: str) -> SessionLog:
@@ -179,6 +185,14 @@ class Broker(Protocol):
         """Messages after ``offset`` if history covers them (else None), plus the
         room's current offset and epoch (pass ``epoch=""`` to ask only for those)."""
 
+    async def room_position(self, room: str) -> tuple[int, str]:
+        """Where ``room`` stands for this process's listeners: the offset and epoch such
+        that a listener subscribed to ``room`` before this call is called with every
+        message after that offset, and with none up to it. A join reads it to hand over
+        from history to live delivery; a networked broker may answer from the position
+        its subscription delivered (no round trip), which may trail the room's latest
+        offset by the messages in flight."""
+
     def subscribe(self, room: str, listener: RoomListener) -> None:
         """Call ``listener`` with every message published to ``room`` from now on."""
 
@@ -200,13 +214,22 @@ class Broker(Protocol):
 
     # presence ---------------------------------------------------------------
 
-    async def presence_add(self, room: str, member: str, key: str) -> bool:
+    async def presence_add(self, room: str, member: str, key: str) -> tuple[bool, int]:
         """``member`` is present in ``room`` through ``key`` (a connection).
 
-        True when ``member`` was not present before."""
+        Returns whether ``member`` was not present before, and how many members are
+        present now (as :meth:`presence_count` counts them)."""
 
-    async def presence_remove(self, room: str, member: str, key: str) -> bool:
-        """Remove one presence ``key``; True if ``member`` is no longer present at all."""
+    async def presence_remove(self, room: str, member: str, key: str) -> tuple[bool, int]:
+        """Remove one presence ``key``. Returns whether ``member`` is no longer present
+        at all, and how many members are present now."""
 
     async def presence(self, room: str) -> list[str]:
-        """Members present in ``room``, sorted."""
+        """Members present in ``room``, sorted (its cost grows with the room)."""
+
+    async def presence_count(self, room: str) -> int:
+        """How many members are present in ``room``, at a cost that does not grow with it.
+
+        A networked broker may go on counting the members of a process that died
+        without withdrawing them until they are swept (``presence`` sweeps a room at
+        once; the redis broker also sweeps a little with each heartbeat)."""

@@ -20,11 +20,18 @@ raised as :class:`HandshakeRefused`.
 Runs on asyncio and Trio (anyio streams + the Sans-I/O
 :class:`~backchannel.websocket.ClientWire`). After a drop it reconnects with
 exponential backoff and full jitter, resumes its session (``init {sessionId,
-lastSeq, epoch}``; frames replayed twice are dropped by ``seq``), re-sends every request
+lastSeq, epoch}``; frames replayed twice are dropped by ``seq``), re-joins its rooms with
+``since`` (a room delivers nothing to a resumed session until it is joined again;
+room messages replayed twice are dropped by offset) and re-sends every request
 without a terminal answer under the same id (the server answers a retried id
-once) and re-joins its rooms with ``since``. If the server cannot resume (state
-``resynced``) the re-sent requests run in a new session: one that had already
-run before the drop may run again.
+once). If the server cannot resume (state ``resynced``) the re-sent requests run
+in a new session: one that had already run before the drop may run again.
+
+Two streams reach the client: the session's frames (answers, pushes; numbered by
+``seq``) and the rooms' frames (``room``, ``offset``, ``epoch``; no ``seq``). Each
+is in order; nothing orders one against the other, so a subscription takes room
+messages from room frames only (a publish's reply just answers the request) and
+holds them while its join is unanswered.
 """
 
 from __future__ import annotations
@@ -251,6 +258,8 @@ class Subscription(_Feed[dict[str, Any] | Gap]):
         self.epoch: str | None = since["epoch"] if since else None
         self.offset: int | None = since["offset"] if since else None
         self._client = client
+        #: room messages that arrived while a join was unanswered (None: not joining)
+        self._held: list[dict[str, Any]] | None = None
 
     def since(self) -> dict[str, Any] | None:
         """Position of the last message seen, for a re-join."""
@@ -259,20 +268,33 @@ class Subscription(_Feed[dict[str, Any] | Gap]):
         return {"offset": self.offset, "epoch": self.epoch}
 
     def _deliver(self, content: dict[str, Any]) -> None:
+        """A room frame's message: held while a join is unanswered (the answer may say
+        that a gap comes first), else yielded unless seen already."""
+        if self._held is not None:
+            self._held.append(content)
+            return
         epoch, offset = content.get("epoch"), content["offset"]
         if self.epoch is not None and epoch != self.epoch:
             self._box.put("item", Gap(self.room, "epoch_changed", epoch, offset))
         elif self.offset is not None and offset <= self.offset:
-            return  # seen already (the outbox replay and the room replay overlap)
+            return  # seen already (a join's replay and live delivery overlap)
         self.epoch, self.offset = epoch, offset
         self._box.put("item", content)
 
+    def _joining(self) -> None:
+        if self._held is None:
+            self._held = []
+
     def _joined(self, content: dict[str, Any], asked: dict[str, Any] | None) -> None:
         lost = asked is not None and content.get("recovered") is False
+        epoch, offset = content.get("epoch"), content.get("offset")
         if lost:
-            self._box.put("item", Gap(self.room, "not_recovered", content.get("epoch")))
-        if lost or self.offset is None:  # the answer's offset is the room's latest message
-            self.epoch, self.offset = content.get("epoch"), content.get("offset")
+            self._box.put("item", Gap(self.room, "not_recovered", epoch))
+        if lost or self.offset is None or epoch != self.epoch:
+            self.epoch, self.offset = epoch, offset  # the room's latest message, not ours
+        held, self._held = self._held or [], None
+        for message in held:  # the replay, then live messages, in offset order
+            self._deliver(message)
 
     async def publish(self, text: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Send ``text`` to the room; return the stored message ``{room, offset, epoch,
@@ -291,9 +313,10 @@ class Subscription(_Feed[dict[str, Any] | Gap]):
 
 class Pushes(_Feed[dict[str, Any]]):
     """Frames the server sends without a request (``app.send``, ``app.broadcast``,
-    ``system`` notices, ``error`` frames that answer no request, room traffic of rooms
-    not subscribed to): whole frames (``type``, ``content``, ``id``, ``seq``,
-    ``timestamp``), each once, in order.
+    ``system`` notices, ``error`` frames that answer no request, ``presence`` events,
+    messages of rooms not subscribed to): whole frames (``type``, ``content``, ``id``,
+    ``timestamp``, and ``seq`` for session frames or ``room`` for room frames), each
+    once, in the order of their stream.
 
     From :meth:`Client.pushes`: it keeps what arrives after it was made until read,
     so make it before entering the client to miss nothing, and only to read it. Ends
@@ -524,6 +547,7 @@ class Client:
         return ident
 
     def _join(self, link: _Link, sub: Subscription) -> None:
+        sub._joining()
         since = sub.since()
         content = {"room": sub.room} if since is None else {"room": sub.room, "since": since}
         self._joins[self._send(link, "join", content)] = (sub, since)
@@ -560,9 +584,9 @@ class Client:
         kind, reply_to, content = frame.get("type"), frame.get("replyTo"), frame.get("content")
         content = content or {}
         in_room = False
-        if kind == "text" and isinstance(content.get("offset"), int):
-            sub = self._rooms.get(str(content.get("room")))
-            if sub is not None:  # a member's message, our own reply, or a join replay
+        if isinstance(frame.get("room"), str) and isinstance(frame.get("offset"), int):
+            sub = self._rooms.get(frame["room"])
+            if sub is not None:  # a room frame: live, or a join's replay
                 sub._deliver(content)
                 in_room = True
         if reply_to is None:

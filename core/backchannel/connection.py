@@ -228,6 +228,17 @@ class Connection:
         """Send one frame to this connection's session (see :meth:`Session.send`)."""
         return self.session.send(type, content, reply_to)
 
+    def deliver(self, frame: bytes) -> bool:
+        """Write one encoded frame that is not numbered (no ``seq``) and not kept: a room
+        frame or notice made once by :meth:`App.encode_frame` and written to many
+        connections. It goes through the send budget like any frame (a client that does
+        not read it is a slow consumer). False when the connection is not open (nothing
+        is written: room frames are recovered by room offset, not from the outbox)."""
+        if self.state is State.OPEN and self.close_code is None:
+            self._output.write(frame)
+            return True
+        return False
+
     def _overflow(self) -> None:
         if self.close_code is None:
             self._hub.slow_consumer(self, "send queue full")

@@ -241,5 +241,8 @@ class Hub:
         with anyio.move_on_after(1.0):
             while self.running:
                 await anyio.sleep(0.01)
+        # The notices and answers are session frames: a networked broker hands them to
+        # their connections once kept (write-through); let them leave before the close.
+        await self.broker.flush()
         for conn in list(self.connections.values()):
             conn.close(CloseCode.GOING_AWAY, "server shutting down")

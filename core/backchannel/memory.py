@@ -245,6 +245,9 @@ class MemoryBroker:
     async def stop(self) -> None:
         return None
 
+    async def flush(self) -> None:
+        return None  # appended frames are delivered at once
+
     # sessions ---------------------------------------------------------------
 
     def open_session(self, session_id: str, principal_id: str) -> _SessionLog:
@@ -458,6 +461,10 @@ class MemoryBroker:
             return None, state.offset, state.epoch
         return [m for _, m, _ in history if m["offset"] > offset], state.offset, state.epoch
 
+    async def room_position(self, room: str) -> tuple[int, str]:
+        state = self._room(room)  # publish calls the listeners at once: no message in flight
+        return state.offset, state.epoch
+
     def subscribe(self, room: str, listener: RoomListener) -> None:
         listeners = self._room(room).listeners
         if listener not in listeners:
@@ -470,24 +477,27 @@ class MemoryBroker:
 
     # presence ---------------------------------------------------------------
 
-    async def presence_add(self, room: str, member: str, key: str) -> bool:
+    async def presence_add(self, room: str, member: str, key: str) -> tuple[bool, int]:
         members = self.present.setdefault(room, {})
         keys = members.setdefault(member, set())
         keys.add(key)
-        return len(keys) == 1
+        return len(keys) == 1, len(members)
 
-    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+    async def presence_remove(self, room: str, member: str, key: str) -> tuple[bool, int]:
         members = self.present.get(room, {})
         keys = members.get(member)
         if keys is None or key not in keys:
-            return False
+            return False, len(members)
         keys.discard(key)
         if keys:
-            return False
+            return False, len(members)
         del members[member]
         if not members:
             self.present.pop(room, None)
-        return True
+        return True, len(members)
 
     async def presence(self, room: str) -> list[str]:
         return sorted(self.present.get(room, {}))
+
+    async def presence_count(self, room: str) -> int:
+        return len(self.present.get(room, ()))

@@ -51,6 +51,10 @@ class Clock:
         self._ms = -1
         self._text = ""
 
+    def frame_id(self) -> str:
+        """A new frame id (``Session.send`` makes its own inline: the hot path)."""
+        return f"{self.boot}-{next(self.ids)}"
+
     def now_iso(self) -> str:
         """UTC time with milliseconds, ISO 8601 (``2026-11-25T10:00:00.123Z``)."""
         now = time.time()

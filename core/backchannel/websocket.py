@@ -94,6 +94,27 @@ def _extensions(compression: str) -> list[ServerExtensionFactory]:
     raise ValueError(f"unknown compression {compression!r}; allowed: {', '.join(COMPRESSIONS)}")
 
 
+class _Framing:
+    """Server text frames (unmasked, FIN, no extension) with the last one kept: a room
+    frame is written to every member connection in a row, so it is framed once, not
+    once per member (issue 13). Answers, each its own payload, are framed as before."""
+
+    __slots__ = ("payload", "frame")
+
+    def __init__(self) -> None:
+        self.payload = b""
+        self.frame = Frame(_TEXT, b"").serialize(mask=False, extensions=[])
+
+    def text(self, payload: bytes) -> bytes:
+        if payload is not self.payload:  # identity: the same object, written again
+            self.frame = Frame(_TEXT, payload).serialize(mask=False, extensions=[])
+            self.payload = payload
+        return self.frame
+
+
+_framing = _Framing()
+
+
 def _select_subprotocol(protocol: ServerProtocol, offered: Sequence[str]) -> str | None:
     # Offer backchannel.v1 when asked, but accept clients that ask for nothing.
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -287,6 +308,22 @@ class Wire(_Side):
         #: set by the driver while the peer is not reading (its send buffer is full): then
         #: pings are not answered one by one, the latest one waits for its pong
         self.hold_pongs = False
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text message (UTF-8 encoded); False once closing (nothing is sent).
+
+        Without a negotiated extension the frame bytes do not depend on the connection,
+        so they are made once per payload (``_Framing``) and queued as
+        ``ServerProtocol.send_frame`` would queue them (its ``writes``); with
+        permessage-deflate each connection compresses its own."""
+        protocol = self._protocol
+        if protocol.state is not State.OPEN:
+            return False
+        if protocol.extensions:
+            protocol.send_text(data)
+        else:
+            protocol.writes.append(_framing.text(data))
+        return True
 
     @property
     def close_code(self) -> int | None:

@@ -2,7 +2,11 @@
  * A fake WebSocket class and an in-process fake server speaking protocol v1
  * the way docs/protocol.md says the real one does: sessions with `seq` and an
  * outbox, `init` resume, safe retries (answers remembered per session and
- * request id), rooms with offsets, epoch, history and presence. Tests inject
+ * request id), rooms with offsets, epoch, history and presence. Room messages
+ * and presence events are room frames (`room`, `offset`, `epoch`; no `seq`),
+ * written to the connections that joined (the sender's too), kept in no outbox;
+ * membership belongs to the session, so a resumed session's `init` answer lists
+ * its rooms, which deliver nothing until joined again. Tests inject
  * `server.WebSocket` into the client and drive the server directly.
  *
  * This file is a helper: it declares no tests.
@@ -61,15 +65,17 @@ export class FakeServer {
       text: (c, s) =>
         c.room ? this._publish(c, s) : { type: "text", content: { text: c.text, from: s.principal } },
       ping: (c) => ({ type: "pong", content: { serverTime: "now", clientTime: c.clientTime } }),
-      join: (c, s) => this._join(c, s),
+      join: (c, s, m, socket) => this._join(c, s, socket),
       leave: (c, s) => {
         this.rooms.get(c.room)?.members.delete(s);
+        this.rooms.get(c.room)?.live.delete(s);
         return undefined;
       },
       presence: (c) => ({ type: "presence", content: { room: c.room, members: this._members(c.room) } }),
     };
     this.sessions = new Map();
-    /** room -> {epoch, offset, history: content[], members: Set<session>} */
+    /** room -> {epoch, offset, history: content[], members: Set<session>,
+     *  live: Map<session, socket that joined>} */
     this.rooms = new Map();
     this.epoch = epoch;
     this._n = 0;
@@ -119,9 +125,20 @@ export class FakeServer {
     }
   }
 
-  /** Send a frame that answers nothing (a notice, a room message) to a socket's session. */
+  /** Send a frame that answers nothing (a notice) to a socket's session. */
   push(socket, type, content) {
     this._send(socket.session, { type, content });
+  }
+
+  /** Write a room frame (not numbered, not kept) to a socket. */
+  roomFrame(socket, type, content) {
+    const frame = { id: `r-${(this._frames = (this._frames ?? 0) + 1)}`, type, content, room: content.room };
+    if (Number.isInteger(content.offset)) Object.assign(frame, { offset: content.offset, epoch: content.epoch });
+    frame.timestamp = "2026-11-25T10:00:00.000Z";
+    if (socket && socket.readyState === OPEN) {
+      const data = JSON.stringify(frame);
+      setTimeout(() => socket.readyState === OPEN && socket.onmessage?.({ data }), 0);
+    }
   }
 
   /** Forget every session's outbox (as a restarted server without a shared broker). */
@@ -148,6 +165,9 @@ export class FakeServer {
     if (socket.readyState === CLOSED) return;
     socket.readyState = CLOSED;
     if (socket.session && socket.session.socket === socket) socket.session.socket = null;
+    for (const room of this.rooms.values()) {
+      if (room.live.get(socket.session) === socket) room.live.delete(socket.session);
+    }
     socket.onclose?.({ code, reason });
   }
 
@@ -214,10 +234,11 @@ export class FakeServer {
           const data = JSON.stringify(frame);
           setTimeout(() => socket.readyState === OPEN && socket.onmessage?.({ data }), 0);
         }
+        const rooms = [...this.rooms].filter(([, r]) => r.members.has(session)).map(([name]) => name);
         this._send(session, {
           type: "init",
           replyTo: message.id,
-          content: { sessionId: session.id, resumed: true, missed: missed.length, epoch: this.epoch, server: {} },
+          content: { sessionId: session.id, resumed: true, missed: missed.length, epoch: this.epoch, server: {}, rooms },
         });
         return;
       }
@@ -248,7 +269,7 @@ export class FakeServer {
     if (!handler) {
       answer = { type: "error", content: { code: "unknown_type", message: `unknown type ${message.type}` } };
     } else {
-      const result = handler(message.content || {}, session, message);
+      const result = handler(message.content || {}, session, message, socket);
       if (result === "hold") {
         session.inflight.add(message.id);
         return;
@@ -276,7 +297,7 @@ export class FakeServer {
   _room(name) {
     let room = this.rooms.get(name);
     if (!room) {
-      room = { epoch: this.epoch, offset: 0, history: [], members: new Set() };
+      room = { epoch: this.epoch, offset: 0, history: [], members: new Set(), live: new Map() };
       this.rooms.set(name, room);
     }
     return room;
@@ -286,29 +307,27 @@ export class FakeServer {
     return [...this._room(name).members].map((s) => s.principal);
   }
 
-  _join(c, session) {
+  _join(c, session, socket) {
     const room = this._room(c.room);
-    const content = { room: c.room, members: [], offset: room.offset, epoch: room.epoch };
+    const content = { room: c.room, count: 0, members: [], offset: room.offset, epoch: room.epoch };
     if (c.since) {
       const first = room.history[0];
       const covered = c.since.epoch === room.epoch && (!first ? true : first.offset <= c.since.offset + 1);
       content.recovered = covered;
       if (covered) {
         const missed = room.history.filter((m) => m.offset > c.since.offset);
-        for (const m of missed) this._send(session, { type: "text", content: m });
+        for (const m of missed) this.roomFrame(socket, "text", m);
         content.missed = missed.length;
       }
     }
-    if (!room.members.has(session)) {
-      for (const other of room.members) {
-        this._send(other, {
-          type: "presence",
-          content: { room: c.room, event: "join", member: session.principal },
-        });
-      }
-      room.members.add(session);
+    if (!room.live.has(session)) {
+      const event = { room: c.room, event: "join", member: session.principal };
+      for (const other of room.live.values()) this.roomFrame(other, "presence", event);
     }
+    room.members.add(session);
+    room.live.set(session, socket);
     content.members = this._members(c.room);
+    content.count = content.members.length;
     return { type: "join", content };
   }
 
@@ -326,8 +345,7 @@ export class FakeServer {
       text: c.text,
     };
     room.history.push(message);
-    for (const other of room.members)
-      if (other !== session) this._send(other, { type: "text", content: message });
+    for (const socket of room.live.values()) this.roomFrame(socket, "text", message);
     return { type: "text", content: message };
   }
 }

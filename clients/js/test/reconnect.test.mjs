@@ -407,10 +407,9 @@ describe("rooms", () => {
       await until(() => a.length === 3);
       await tick(10);
       assert.deepEqual(a, ["1:one", "2:two", "3:three"], `resume=${resume}`);
-      // resumed: the session replay brought 2 and 3 first, so the re-join asks from 3;
-      // resynced: the room's history fills the gap after 1
+      // resumed or not, room messages are in no outbox: the re-join's replay brings 2 and 3
       const joins = server.messages("join").filter((m) => m.content.since);
-      const since = { offset: resume ? 3 : 1, epoch: "e1" };
+      const since = { offset: 1, epoch: "e1" };
       assert.deepEqual(joins.at(-1).content, { room: "lobby", since });
       assert.equal(alice.state, resume ? "resumed" : "resynced");
       alice.close();
@@ -457,6 +456,44 @@ describe("rooms", () => {
     alice.close();
     bob.close();
   });
+  it("takes messages from room frames only, holding early ones behind its join's gap", async () => {
+    const server = new FakeServer({ resume: false });
+    const seen = [];
+    const { client: alice } = await open(server);
+    const room = await alice.subscribe("lobby", (m) => seen.push(`${m.epoch}/${m.offset}`), {
+      onGap: (info) => seen.push(`gap ${info.reason} ${info.epoch}`),
+    });
+    const publish = server.handlers.text;
+    server.handlers.text = (c, s) => {
+      server.handlers.text = publish;
+      const { live } = server.rooms.get("lobby");
+      const members = [...live];
+      live.clear(); // the room frame goes nowhere: a reply alone
+      const reply = publish(c, s);
+      for (const [session, socket] of members) live.set(session, socket);
+      return reply;
+    };
+    const sent = await room.publish("mine");
+    await tick(10);
+    assert.deepEqual(seen, []); // the reply settles publish(); it is no room message
+    server.roomFrame(server.socket, "text", sent);
+    await until(() => seen.length === 1);
+    assert.deepEqual(seen, ["e1/1"]);
+    const lobby = server.rooms.get("lobby");
+    lobby.epoch = "e2"; // the broker lost the room's history
+    lobby.history = [];
+    const join = server.handlers.join;
+    server.handlers.join = (c, s, m, socket) => {
+      // a live message of the new epoch overtakes the join's answer
+      server.roomFrame(socket, "text", { room: "lobby", offset: 1, epoch: "e2", from: "x", text: "n" });
+      return join(c, s, m, socket);
+    };
+    server.dropAll(1011);
+    await until(() => seen.length === 3);
+    assert.deepEqual(seen, ["e1/1", "gap not_recovered e2", "e2/1"]);
+    alice.close();
+  });
+
   it("signals a gap when a live message comes from a new epoch", async () => {
     const server = new FakeServer();
     const gaps = [];
@@ -465,15 +502,8 @@ describe("rooms", () => {
     await alice.subscribe("lobby", (m) => a.push(`${m.epoch}/${m.offset}`), {
       onGap: (info) => gaps.push(info),
     });
-    const session = server.sessions.get("s-1");
-    server._send(session, {
-      type: "text",
-      content: { room: "lobby", offset: 1, epoch: "e1", from: "x", text: "1" },
-    });
-    server._send(session, {
-      type: "text",
-      content: { room: "lobby", offset: 1, epoch: "e2", from: "x", text: "2" },
-    });
+    server.roomFrame(server.socket, "text", { room: "lobby", offset: 1, epoch: "e1", from: "x", text: "1" });
+    server.roomFrame(server.socket, "text", { room: "lobby", offset: 1, epoch: "e2", from: "x", text: "2" });
     await until(() => a.length === 2);
     assert.deepEqual(a, ["e1/1", "e2/1"]); // offsets restart in the new epoch: not a duplicate
     assert.deepEqual(gaps, [{ room: "lobby", epoch: "e2", reason: "epoch_changed" }]);

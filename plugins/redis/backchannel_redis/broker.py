@@ -4,14 +4,16 @@ Design (docs/design.md, "Redis broker"): one Lua script per operation (atomic, o
 round trip); room history on a stream per room with a counter for offsets and an
 epoch beside it; live fan-out over pub/sub, on one connection per instance that
 subscribes only to rooms with local listeners, with gaps filled from the stream;
-session writes (outbox frames, answers, expiry) buffered and flushed pipelined by a
+session writes (outbox frames, answers, expiry) queued and flushed pipelined by a
 background task, because the kernel makes them on the per-message path and they
-must not block; presence as a hash per room whose entries count only while their
-instance beats.
+must not block, and each session frame handed to its client once its write is
+acknowledged (write-through); presence as a hash per room whose entries count only
+while their instance beats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -51,13 +53,19 @@ _UNREACHABLE = (RedisConnectionError, TimeoutError, OSError)
 _CATCH_UP_MAX = 10_000
 #: most buffered writes one flush sends
 _BATCH = 1024
-#: most sessions one APPEND call writes to (bounds the time Redis spends in one script)
-_APPEND_SESSIONS = 256
+#: most sessions one SESSIONS call writes to (bounds the time Redis spends in one script)
+_CALL_SESSIONS = 256
+#: seconds a small batch of session writes waits for more before it is sent
+_LINGER = 0.001
+#: presence entries a heartbeat sweeps per room (HSCAN COUNT)
+_SWEEP = 100
 
 _OPEN, _APPEND, _REMEMBER, _DETACH, _ATTACH, _DROP = range(6)
 _U32 = 0xFFFFFFFF
 #: sessions looked up for a resume, held until attached (most kept)
 _FOUND_MAX = 1024
+#: the SESSIONS script's name of each kind of session write
+_KINDS = {_OPEN: "o", _APPEND: "f", _REMEMBER: "r", _DETACH: "d", _ATTACH: "a", _DROP: "x"}
 
 
 def _text(value: Any) -> str:
@@ -120,14 +128,6 @@ class _Backlog(Generic[T]):
 
 
 @dataclass(eq=False)
-class _Waiter:
-    """A local publish: the reader says when it delivered it; the publisher when it replied."""
-
-    dispatched: anyio.Event = field(default_factory=anyio.Event)
-    resumed: anyio.Event = field(default_factory=anyio.Event)
-
-
-@dataclass(eq=False)
 class _Room:
     """This instance's subscription to one room."""
 
@@ -137,8 +137,18 @@ class _Room:
     last: int | None = None
     epoch: str | None = None
     based: anyio.Event = field(default_factory=anyio.Event)
-    #: publishes from this instance in flight, by publish id
-    waiting: dict[str, _Waiter] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Arrival:
+    """A ``presence_add`` waiting for its room's next ``PRESENCE_ADD`` call."""
+
+    member: str
+    key: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    #: (member new in the room, members counted), or why it failed
+    result: tuple[bool, int] | None = None
+    failure: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,9 +184,10 @@ class _SessionLog:
 
     def append(self, seq: int, frame: bytes, deliver: Callable[[bytes], None] | None) -> None:
         # a right-sized copy: orjson's bytes keep a >= 4 KiB buffer (see memory.py)
-        self.broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
+        broker = self.broker
+        broker._write(self.id, _APPEND, seq, bytes(memoryview(frame)))
         if deliver is not None:
-            deliver(frame)
+            broker._deliver_when_kept(deliver, frame)
 
     async def since(self, seq: int) -> list[bytes] | None:
         return await self.broker._since(self.id, seq)
@@ -315,11 +326,16 @@ class RedisBroker:
         self._writes: _Backlog[tuple[int, str, int, Any, Any]] = _Backlog(max_buffered_writes)
         self._queued = 0
         self._flushed = 0
+        #: session frames kept back until Redis acknowledged their write (write id,
+        #: deliver, frame), in append order
+        self._held: deque[tuple[int, Callable[[bytes], None], bytes]] = deque()
         # rooms and presence
         self._rooms: dict[str, _Room] = {}
         self._present: dict[str, set[tuple[str, str]]] = {}
         #: presence removed while Redis was away: (room, member, key), removed once it is back
         self._absent: set[tuple[str, str, str]] = set()
+        #: presence adds waiting for their room's next call, by room
+        self._arrivals: dict[str, list[_Arrival]] = {}
         #: session id -> write id of this instance's latest ATTACH of it
         self._attaching: dict[str, int] = {}
         # control messages: (instance or None for all, encoded message), published in order
@@ -338,7 +354,7 @@ class RedisBroker:
 
     def _presence_keys(self, room: str) -> list[str]:
         base = f"{self.prefix}:p:{{{room}}}"
-        return [f"{base}:h", f"{base}:i"]
+        return [f"{base}:h", f"{base}:i", f"{base}:c"]
 
     def _channel(self, room: str) -> str:
         return f"{self._room_channels}{room}"
@@ -372,6 +388,7 @@ class RedisBroker:
             self._count("unavailable")
             log.warning("redis broker NOT ready: %s url=%s", why, self.url)
             self._up = anyio.Event()
+            self._release(self._queued)  # writes wait for Redis; clients need not
         if self._started:
             self._notify(ready, why)
 
@@ -423,6 +440,7 @@ class RedisBroker:
         self._up = anyio.Event()
         self._flush_done = anyio.Event()
         self._listening = anyio.Event()  # control channels subscribed (once)
+        self._arriving = anyio.Event()  # presence adds are waiting
         events = anyio.create_memory_object_stream[tuple[str, Any]](math.inf)
         self._events_in: MemoryObjectSendStream[tuple[str, Any]] = events[0]
         self._events: MemoryObjectReceiveStream[tuple[str, Any]] = events[1]
@@ -451,6 +469,7 @@ class RedisBroker:
         self._tasks.start_soon(self._flusher)
         self._tasks.start_soon(self._reader)
         self._tasks.start_soon(self._teller)
+        self._tasks.start_soon(self._greeter)
         if self._ready:  # from now on, messages told to this instance reach it (bounded)
             with anyio.move_on_after(self.timeout * 2):
                 await self._listening.wait()
@@ -463,9 +482,15 @@ class RedisBroker:
             if self._ready:
                 try:
                     await self._barrier()
+                    # withdraw this instance's presence (its entries too, so that no
+                    # room's count includes them)
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for room in self._present:
-                            pipe.zrem(self._presence_keys(room)[1], [self.instance])
+                        for room, entries in self._present.items():
+                            keys = self._presence_keys(room)
+                            for member, key in entries:
+                                args = [self.instance, member, key]
+                                self._s["PRESENCE_REMOVE"](keys, args, client=pipe)
+                            pipe.zrem(keys[1], [self.instance])
                 except Exception as exc:
                     log.warning("redis broker stopped without flushing: %s", exc)
         self._ready = False
@@ -475,9 +500,19 @@ class RedisBroker:
         await stack.aclose()  # the task group, then the client (entered in start)
         self._client = None
 
+    async def flush(self) -> None:
+        """Wait (bounded) until every queued write reached Redis, so its held frames are
+        delivered; while Redis is away they were delivered already."""
+        if self._ready:
+            with contextlib.suppress(BackchannelError):
+                await self._barrier()
+
     async def _check(self) -> None:
         """One health probe: read (or make) the epoch. Marks the broker ready."""
-        epoch: bytes = await self._s["EPOCH"]([f"{self.prefix}:epoch"], [os.urandom(8).hex()])
+        key = f"{self.prefix}:epoch"
+        epoch = await self._redis.get(key)  # a command costs Redis less than a script
+        if epoch is None:
+            epoch = await self._s["EPOCH"]([key], [os.urandom(8).hex()])
         self._set_epoch(_text(epoch))
         if not self._ready:
             await self._reassert_presence()
@@ -528,6 +563,29 @@ class RedisBroker:
                 dropped[1],
             )
 
+    def _deliver_when_kept(self, deliver: Callable[[bytes], None], frame: bytes) -> None:
+        """Write-through (issue 13): a session frame reaches its client once Redis holds
+        it, so that an instance that dies never leaves a client ahead of what another
+        instance can replay. Frames wait for the flush of their write, in append order
+        (one pipeline per batch: per loop tick under load). While Redis is not reachable
+        they go out at once, written when it is back (a crash then may leave a client
+        ahead: its resume says so)."""
+        if self._ready:
+            self._held.append((self._queued, deliver, frame))
+        else:
+            deliver(frame)
+
+    def _release(self, upto: int) -> None:
+        """Deliver the held frames whose writes up to ``upto`` were flushed, in order."""
+        held = self._held
+        while held and held[0][0] <= upto:
+            _, deliver, frame = held.popleft()
+            try:
+                deliver(frame)
+            except Exception:
+                self._count("deliver_errors")
+                log.exception("redis broker: delivering a session frame failed")
+
     async def _barrier(self) -> None:
         """Wait until every write queued so far reached Redis (read your writes)."""
         target = self._queued
@@ -540,8 +598,15 @@ class RedisBroker:
             raise _Unavailable("writes are not reaching Redis")
 
     async def _flusher(self) -> None:
-        """Forever: send buffered writes in pipelined batches, in order per session."""
+        """Forever: send buffered writes in pipelined batches, in order per session.
+
+        A small batch lingers ``_LINGER`` seconds first, for the writes of other sessions
+        on their way (a crowd joining, answers of one fan-out): a call costs Redis more
+        than the writes in it (issue 13)."""
         while True:
+            await self._writes.wait()
+            if len(self._writes.items) < _BATCH // 16:
+                await anyio.sleep(_LINGER)
             batch = await self._next_batch(self._writes)
             try:
                 with anyio.fail_after(self.timeout * 2):
@@ -555,6 +620,7 @@ class RedisBroker:
                 self._count("write_errors")
                 log.exception("redis broker dropped %d writes that Redis refused", len(batch))
             self._flushed = max(self._flushed, batch[-1][0])
+            self._release(self._flushed)
             done, self._flush_done = self._flush_done, anyio.Event()
             done.set()
 
@@ -567,53 +633,42 @@ class RedisBroker:
         return [items.popleft() for _ in range(min(len(items), _BATCH))]
 
     async def _send(self, batch: list[tuple[int, str, int, Any, Any]]) -> None:
-        """One pipeline for a batch: each session's writes as runs of one kind, in order.
-
-        The n-th runs of all sessions go out together, so each session's order holds
-        while the frames of many sessions travel in one ``APPEND`` call (a room message
-        fans out to every member session: one call, not one per member).
-        """
+        """A batch in as few calls as it takes: one ``SESSIONS`` script call per 256
+        sessions, each session's writes as runs of one kind, in the order queued."""
         runs: dict[str, list[tuple[int, list[Any]]]] = {}
         for _, session_id, kind, a, b in batch:
             session_runs = runs.setdefault(session_id, [])
-            if kind in (_APPEND, _REMEMBER) and session_runs and session_runs[-1][0] == kind:
-                session_runs[-1][1].extend((a, b))
+            if kind in (_APPEND, _REMEMBER):
+                if session_runs and session_runs[-1][0] == kind:
+                    session_runs[-1][1].extend((a, b))
+                else:
+                    session_runs.append((kind, [a, b]))
             else:
-                session_runs.append((kind, [a, b]))
-        s = self._s
-        lease = int(self.session_lease * 1000)
-        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-            for n in range(max(map(len, runs.values()), default=0)):
-                keys: list[str] = []
-                args: list[Any] = [self.outbox_size, self.outbox_max_bytes, self.instance]
-                for session_id, session_runs in runs.items():
-                    if n >= len(session_runs):
-                        continue
-                    kind, values = session_runs[n]
-                    session_keys = self._session_keys(session_id)
-                    if kind == _APPEND:
-                        keys += session_keys[:2]
-                        args.append(len(values) // 2)
-                        args += values
-                        if len(keys) >= 2 * _APPEND_SESSIONS:
-                            s["APPEND"](keys, args, client=pipe)
-                            keys, args = [], args[:3]
-                    elif kind == _REMEMBER:
-                        meta, _, answers, order = session_keys
-                        head: list[Any] = [self.dedupe_size, self.instance]
-                        s["REMEMBER"]([meta, answers, order], head + values, client=pipe)
-                    elif kind == _OPEN:
-                        s["OPEN"](session_keys, [values[0], self.instance, lease], client=pipe)
-                    elif kind == _DETACH:
-                        s["DETACH"](session_keys, [self.instance, values[0]], client=pipe)
-                    elif kind == _ATTACH:
-                        told = self._control_channel("")
-                        attach: list[Any] = [self.instance, lease, values[0], told, session_id]
-                        s["ATTACH"](session_keys, attach, client=pipe)
-                    else:
-                        pipe.delete(session_keys)
-                if keys:
-                    s["APPEND"](keys, args, client=pipe)
+                session_runs.append((kind, [] if a is None else [a]))
+        head: list[Any] = [
+            self.outbox_size,
+            self.outbox_max_bytes,
+            self.instance,
+            self.dedupe_size,
+            int(self.session_lease * 1000),
+            self._control_channel(""),
+        ]
+        # Calls, not a pipeline: a pipeline of scripts costs coredis a SCRIPT EXISTS round
+        # trip first, and a batch is mostly one call (each a Redis round trip: ~18 µs of
+        # Redis CPU here, as much as the writes themselves).
+        script = self._s["SESSIONS"]
+        keys: list[str] = []
+        args = list(head)
+        for session_id, session_runs in runs.items():
+            keys += self._session_keys(session_id)
+            args += (session_id, len(session_runs))
+            for kind, values in session_runs:
+                args += (_KINDS[kind], len(values), *values)
+            if len(keys) >= 4 * _CALL_SESSIONS:
+                await script(keys, args)
+                keys, args = [], list(head)
+        if keys:
+            await script(keys, args)
 
     async def _for_each(
         self, script: str, items: list[str], keys_of: Callable[[str], list[str]], args: list[Any]
@@ -627,9 +682,12 @@ class RedisBroker:
     async def _renew_leases(self) -> None:
         """Held sessions keep their keys while this instance lives (it may die holding them)."""
         lease = int(self.session_lease * 1000)
-        await self._for_each(
-            "LEASE", list(self._attached), self._session_keys, [self.instance, lease]
-        )
+        held = list(self._attached)
+        for start in range(0, len(held), _CALL_SESSIONS):
+            keys = [
+                k for sid in held[start : start + _CALL_SESSIONS] for k in self._session_keys(sid)
+            ]
+            await self._s["LEASE"](keys, [self.instance, lease])
 
     # -------------------------------------------------------------- sessions
 
@@ -900,47 +958,33 @@ class RedisBroker:
         history_ttl: float,
         dedupe: str | None = None,
     ) -> dict[str, Any]:
-        """Store and fan out; returns once this instance's listeners got the message, so
-        the sender's reply follows every earlier message of the room (offset order)."""
+        """Store and fan out: one script, one round trip; the listeners of every instance
+        (this one's too) get the message from pub/sub, in offset order."""
         self._need_ready()
         await self._based(room)
-        state = self._rooms.get(room)
         publish_id = f"{self.instance}-{next(self._publish_ids)}"
-        waiter = None
-        if state is not None:
-            waiter = state.waiting[publish_id] = _Waiter()
         keep = int(max(self.room_ttl, history_ttl) * 1000)
-        try:
-            reply = await self._call(
-                self._s["PUBLISH"](
-                    self._room_keys(room),
-                    [
-                        self._channel(room),
-                        orjson.dumps(message),
-                        os.urandom(8).hex(),
-                        history_size,
-                        int(history_ttl * 1000),
-                        keep,
-                        publish_id,
-                        dedupe or "",
-                    ],
-                ),
-                write=True,
-            )
-            offset, epoch = reply[0], reply[1]
-            if len(reply) > 2:  # a retry of a publish: nothing was published now
-                self._count("publish_retried")
-                if reply[2] is not None:
-                    message = orjson.loads(reply[2])
-            elif waiter is not None:
-                with anyio.move_on_after(self.timeout * 2):
-                    await waiter.dispatched.wait()
-                if not waiter.dispatched.is_set():
-                    self._count("publish_not_delivered_locally")
-        finally:
-            if waiter is not None and state is not None:
-                state.waiting.pop(publish_id, None)
-                waiter.resumed.set()
+        reply = await self._call(
+            self._s["PUBLISH"](
+                self._room_keys(room),
+                [
+                    self._channel(room),
+                    orjson.dumps(message),
+                    os.urandom(8).hex(),
+                    history_size,
+                    int(history_ttl * 1000),
+                    keep,
+                    publish_id,
+                    dedupe or "",
+                ],
+            ),
+            write=True,
+        )
+        offset, epoch = reply[0], reply[1]
+        if len(reply) > 2:  # a retry of a publish: nothing was published now
+            self._count("publish_retried")
+            if reply[2] is not None:
+                message = orjson.loads(reply[2])
         return {**message, "room": room, "offset": int(offset), "epoch": _text(epoch)}
 
     async def room_since(
@@ -961,6 +1005,16 @@ class RedisBroker:
         ]
         return missed, current, room_epoch
 
+    async def room_position(self, room: str) -> tuple[int, str]:
+        """From this instance's subscription when it has a base (no round trip: every
+        message after it comes through pub/sub or a catch-up), else from Redis."""
+        await self._based(room)
+        state = self._rooms.get(room)
+        if state is not None and state.last is not None and state.epoch is not None:
+            return state.last, state.epoch
+        _, offset, epoch = await self.room_since(room, 0, "")
+        return offset, epoch
+
     def subscribe(self, room: str, listener: RoomListener) -> None:
         state = self._rooms.get(room)
         if state is None:
@@ -976,8 +1030,6 @@ class RedisBroker:
         state.listeners.remove(listener)
         if not state.listeners:
             del self._rooms[room]
-            for waiter in state.waiting.values():
-                waiter.dispatched.set()  # nothing will be delivered here: don't make it wait
             self._events_in.send_nowait(("unsubscribe", room))
 
     # ---------------------------------------------------------- live fan-out
@@ -1081,8 +1133,8 @@ class RedisBroker:
             if value["type"] == "subscribe":  # confirmed (again): fill what was missed
                 await self._catch_up(state)
                 return
-            head, epoch, publish_id, body = bytes(value["data"]).split(b" ", 3)
-            await self._deliver(state, int(head), _text(epoch), _text(publish_id), body)
+            head, epoch, _, body = bytes(value["data"]).split(b" ", 3)
+            await self._deliver(state, int(head), _text(epoch), body)
 
     async def _catch_up(self, state: _Room) -> None:
         """Deliver what the room's stream holds after ``state.last``."""
@@ -1095,19 +1147,10 @@ class RedisBroker:
         epoch = _text(reply[1])
         entries = reply[2:]
         for i in range(0, len(entries), 3):
-            await self._deliver(
-                state, int(entries[i]), epoch, _text(entries[i + 1]), entries[i + 2], fill=False
-            )
+            await self._deliver(state, int(entries[i]), epoch, entries[i + 2], fill=False)
 
     async def _deliver(
-        self,
-        state: _Room,
-        offset: int,
-        epoch: str,
-        publish_id: str,
-        body: bytes,
-        *,
-        fill: bool = True,
+        self, state: _Room, offset: int, epoch: str, body: bytes, *, fill: bool = True
     ) -> None:
         assert state.last is not None
         if epoch != state.epoch:
@@ -1143,24 +1186,53 @@ class RedisBroker:
             except Exception:
                 self._count("listener_errors")
                 log.exception("room listener failed room=%s", state.name)
-        waiter = state.waiting.get(publish_id)
-        if waiter is not None:  # published here: let its reply go before the next message
-            waiter.dispatched.set()
-            with anyio.move_on_after(self.timeout):
-                await waiter.resumed.wait()
 
     # --------------------------------------------------------------- presence
 
-    async def presence_add(self, room: str, member: str, key: str) -> bool:
+    async def presence_add(self, room: str, member: str, key: str) -> tuple[bool, int]:
+        """Gathered with the other adds of the room waiting now: one script call for a
+        crowd joining at once (the greeter task makes them)."""
         self._need_ready()
-        ttl = int(self.presence_ttl * 1000)
-        added = await self._call(
-            self._s["PRESENCE_ADD"](self._presence_keys(room), [self.instance, member, key, ttl])
-        )
+        arrival = _Arrival(member, key)
+        self._arrivals.setdefault(room, []).append(arrival)
+        self._arriving.set()
+        with anyio.move_on_after(self.timeout * 3):
+            await arrival.done.wait()
+        if arrival.result is None:
+            raise _Unavailable(arrival.failure or "presence was not confirmed in time")
         self._present.setdefault(room, set()).add((member, key))
-        return bool(added)
+        return arrival.result
 
-    async def presence_remove(self, room: str, member: str, key: str) -> bool:
+    async def _greeter(self) -> None:
+        """Forever: the waiting presence adds, one ``PRESENCE_ADD`` call per room."""
+        while True:
+            await self._arriving.wait()
+            self._arriving = anyio.Event()
+            arrivals, self._arrivals = self._arrivals, {}
+            ttl = int(self.presence_ttl * 1000)
+            for room, crowd in arrivals.items():
+                args: list[Any] = [self.instance]
+                for arrival in crowd:
+                    args += (arrival.member, arrival.key)
+                args.append(ttl)
+                try:
+                    reply = await self._call(
+                        self._s["PRESENCE_ADD"](self._presence_keys(room), args)
+                    )
+                except _Unavailable:
+                    failure = "Redis did not answer"
+                except Exception as exc:  # Redis refused: never fatal to the greeter
+                    log.exception("redis broker: presence add failed room=%s", room)
+                    failure = _reason(exc)
+                else:
+                    for i, arrival in enumerate(crowd):
+                        arrival.result = (bool(reply[2 * i]), int(reply[2 * i + 1]))
+                    failure = ""
+                for arrival in crowd:
+                    arrival.failure = failure
+                    arrival.done.set()
+
+    async def presence_remove(self, room: str, member: str, key: str) -> tuple[bool, int]:
         """Remove now, or, while Redis is away, as soon as it is back (this instance's
         heartbeat would otherwise keep the entry counting); False then: who can say."""
         entries = self._present.get(room)
@@ -1170,25 +1242,34 @@ class RedisBroker:
                 del self._present[room]
         try:
             self._need_ready()
-            gone = await self._call(
+            gone, count = await self._call(
                 self._s["PRESENCE_REMOVE"](self._presence_keys(room), [self.instance, member, key])
             )
         except BackchannelError:
             self._absent.add((room, member, key))
             self._count("presence_remove_deferred")
-            return False
-        return bool(gone)
+            return False, 0
+        return bool(gone), int(count)
 
     async def presence(self, room: str) -> list[str]:
         self._need_ready()
         members = await self._call(self._s["PRESENCE_LIST"](self._presence_keys(room)))
         return [_text(m) for m in members]
 
+    async def presence_count(self, room: str) -> int:
+        """``HLEN``: counts the members of an instance that died until they are swept
+        (by ``presence``, or a little with each heartbeat of a live instance)."""
+        self._need_ready()
+        return int(await self._call(self._redis.hlen(self._presence_keys(room)[0])))
+
     async def _beat(self) -> None:
         """This instance still counts in every room where it has presence."""
         ttl = int(self.presence_ttl * 1000)
         await self._for_each(
-            "PRESENCE_BEAT", list(self._present), self._presence_keys, [self.instance, ttl]
+            "PRESENCE_BEAT",
+            list(self._present),
+            self._presence_keys,
+            [self.instance, _SWEEP, ttl],
         )
 
     async def _reassert_presence(self) -> None:

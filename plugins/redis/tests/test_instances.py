@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,17 +109,16 @@ Item = dict[str, Any] | Gap
 
 
 class RecordingClient(Client):
-    """The project's client, noting the offsets of room messages in the order their frames
-    arrived (before the client drops what it takes for seen): a hole's diagnosis."""
+    """The project's client, noting the offsets of room frames in the order they arrived
+    (before the client drops what it takes for seen): a hole's diagnosis."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.arrivals: dict[str, list[int]] = {}
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
-        content = frame.get("content") or {}
-        if frame.get("type") == "text" and isinstance(content.get("offset"), int):
-            self.arrivals.setdefault(str(content.get("room")), []).append(content["offset"])
+        if isinstance(frame.get("offset"), int):  # a room frame (no seq)
+            self.arrivals.setdefault(str(frame.get("room")), []).append(frame["offset"])
         super()._on_frame(frame)
 
 
@@ -140,11 +139,12 @@ def runs(offsets: list[int]) -> str:
 class Member:
     """One chat client in every room, recording what it sees and what it was answered."""
 
-    def __init__(self, index: int, url: str) -> None:
+    def __init__(self, index: int, url: str, rooms: tuple[str, ...] = ROOMS) -> None:
         self.name = f"m{index:02d}"
         self.url = url
+        self.rooms = rooms
         self.client: RecordingClient | None = None
-        self.seen: dict[str, list[Item]] = {room: [] for room in ROOMS}
+        self.seen: dict[str, list[Item]] = {room: [] for room in rooms}
         #: replies to this member's room messages (room, offset, epoch, text), when answered
         self.accepted: list[tuple[float, dict[str, Any]]] = []
         #: (room, text, error code) of room messages answered with an error
@@ -164,7 +164,7 @@ class Member:
         )
         await stack.enter_async_context(client)
         self.client = client
-        for room in ROOMS:
+        for room in self.rooms:
             sub = self.subs[room] = client.subscribe(room)
             tg.start_soon(self._read, room, sub)
 
@@ -177,7 +177,7 @@ class Member:
 
     def joined(self) -> bool:
         """Every room's join was answered (the subscription knows the room's epoch)."""
-        return len(self.subs) == len(ROOMS) and all(
+        return len(self.subs) == len(self.rooms) and all(
             sub.epoch is not None for sub in self.subs.values()
         )
 
@@ -227,11 +227,13 @@ class Member:
 
 
 @asynccontextmanager
-async def members(n: int, urls: list[str]) -> AsyncIterator[list[Member]]:
-    """``n`` connected members (member ``i`` on ``urls[i % len(urls)]``), each in every
-    room; closed (and their readers ended) on exit."""
+async def members(
+    n: int, urls: list[str], rooms: Callable[[int], tuple[str, ...]] = lambda i: ROOMS
+) -> AsyncIterator[list[Member]]:
+    """``n`` connected members (member ``i`` on ``urls[i % len(urls)]``), each in
+    ``rooms(i)`` (every room by default); closed (and their readers ended) on exit."""
     async with anyio.create_task_group() as tg, AsyncExitStack() as stack:
-        crowd = [Member(i, urls[i % len(urls)]) for i in range(n)]
+        crowd = [Member(i, urls[i % len(urls)], rooms(i)) for i in range(n)]
         for member in crowd:  # one by one: the proxy spreads them evenly
             await member.connect(stack, tg)
         await wait_for(lambda: all(m.joined() for m in crowd), "not every member joined")
@@ -294,7 +296,7 @@ async def read_history(
     Redis, a text stored twice (a request that ran twice)."""
     history: dict[str, list[dict[str, Any]]] = {}
     problems: list[str] = []
-    for room in ROOMS:
+    for room in epochs:
         replayed, answer = await room_history(port, room, epochs[room])
         content = answer["content"]
         if answer["type"] != "join" or content.get("recovered") is not True:
@@ -320,7 +322,7 @@ def view_problems(crowd: list[Member], history: dict[str, list[dict[str, Any]]])
     problems: list[str] = []
     for member in crowd:
         problems += [f"{member.name}: {failure}" for failure in member.failures]
-        for room in ROOMS:
+        for room in member.rooms:
             seen = [(m["offset"], m["text"]) for m in member.messages(room)]
             want = [(m["offset"], m["text"]) for m in history[room]]
             if seen != want:
@@ -343,7 +345,7 @@ def request_problems(
     offset, an error other than ``allowed``, an error for a message that is stored
     anyway (it ran, yet its sender was told it did not)."""
     problems: list[str] = []
-    stored = {m["text"]: m["offset"] for room in ROOMS for m in history[room]}
+    stored = {m["text"]: m["offset"] for room in history for m in history[room]}
     for member in crowd:
         for _, reply in member.accepted:
             kept = history[reply["room"]]
@@ -393,7 +395,7 @@ async def all_seen(
             and msgs[-1]["offset"] >= final[room]
             and (epochs is None or msgs[-1]["epoch"] == epochs[room])
             for m in crowd
-            for room in ROOMS
+            for room in m.rooms
         )
 
     return await wait_for(done, what)
@@ -431,7 +433,7 @@ def fmt(values: list[float]) -> str:
 
 
 def epochs_of(crowd: list[Member]) -> dict[str, str]:
-    return {room: crowd[0].subs[room].epoch for room in ROOMS}
+    return {room: m.subs[room].epoch for m in reversed(crowd) for room in m.rooms}
 
 
 async def test_thirty_members_on_three_instances_see_every_message_once_in_order(
@@ -529,6 +531,107 @@ async def test_an_instance_killed_mid_conversation_loses_and_repeats_nothing(
             f" outcomes {dict(outcomes)}; stored {final} ({sum(final.values())});"
             f" problems {len(problems)}"
         )
+        assert not problems, report(problems)
+
+
+# --------------------------------------------------------------- scenario 2b
+
+#: issue 13's crash test: clients per instance, rooms (each spans the three instances)
+CRASH_CLIENTS, CRASH_ROOMS = 300, 30
+
+
+def crash_room(i: int) -> tuple[str, ...]:
+    """Member ``i``'s one room: members 3j, 3j+1, 3j+2 (one per instance) share one."""
+    return (f"r{(i // 3) % CRASH_ROOMS:02d}",)
+
+
+@pytest.mark.slow
+async def test_an_instance_killed_under_load_leaves_its_sessions_resumable_elsewhere(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Issue 13 item 2: 300 clients (100 per instance) chat in 30 rooms, each message
+    answered and fanned out while others are in flight, and each pings the server in a
+    closed loop; one instance is SIGKILLed amid it all. A session frame reaches a client
+    only once Redis holds it, so no client is ahead of what the others can replay: at
+    least 99% of the victim's sessions resume (``resumed: true``) on another instance;
+    no request ran twice (every history holds each text once); every accepted message is
+    stored; every member's view of its room is the room's history exactly."""
+    pace = 1.0  # seconds between one member's messages: ~300 messages/s in all
+    async with (
+        cluster(redis, tmp_path, session={"ttl": 30}, **PATIENT) as c,
+        RoundRobinProxy(c.ports()) as proxy,
+        members(CRASH_CLIENTS, [proxy.url], crash_room) as crowd,
+    ):
+        victim = c.instances[0]
+        stop = anyio.Event()
+        pongs = [0]
+
+        async def talk(member: Member, delay: float) -> None:
+            await anyio.sleep(delay)
+            while not stop.is_set():
+                await member.say(member.rooms[0])
+                await anyio.sleep(pace)
+
+        async def ping(member: Member) -> None:  # answers always in flight: session frames
+            assert member.client is not None
+            while not stop.is_set():
+                await member.client.request("ping", {}, timeout=BOUND)
+                pongs[0] += 1
+
+        async with anyio.create_task_group() as tg:
+            for k, member in enumerate(crowd):
+                tg.start_soon(talk, member, pace * k / len(crowd))  # spread over a second
+            await wait_for(lambda: accepted_since(crowd, 0) >= 2, "not everyone talks")
+            for member in crowd:
+                tg.start_soon(ping, member)
+            await wait_for(lambda: pongs[0] >= 5 * len(crowd), "no pong")
+            accepted_before = sum(len(m.accepted) for m in crowd)
+            killed_at = time.monotonic()
+            victim.kill()
+            await wait_for(
+                lambda: sum(m.reconnected() for m in crowd) >= CRASH_CLIENTS // 3,
+                "the killed instance's clients did not notice",
+            )
+            await wait_for(
+                lambda: all(m.recovered_at() is not None for m in crowd if m.reconnected()),
+                "a client of the killed instance never came back",
+            )
+            recovered = time.monotonic() - killed_at
+            back = time.monotonic()
+            await wait_for(lambda: accepted_since(crowd, back) >= 1, "no message after the kill")
+            stop.set()
+        moved = [m for m in crowd if m.reconnected()]
+        outcomes = Counter(
+            "resumed" if s is State.RESUMED else f"resynced ({i.get('reason')})"
+            for m in moved
+            for _, s, i in m.states
+            if s in (State.RESUMED, State.RESYNCED)
+        )
+        resumed = outcomes["resumed"] / max(1, len(moved))
+        epochs = epochs_of(crowd)
+        final: dict[str, int] = {}
+        for room in sorted(epochs):
+            _, answer = await room_history(c.ports()[1], room, epochs[room])
+            final[room] = answer["content"]["offset"]
+        problems: list[str] = []
+        try:
+            await all_seen(crowd, final, "a member's view never reached its room's end")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        history, found = await read_history(redis, c.prefix, c.ports()[2], epochs)
+        problems += found + view_problems(crowd, history) + request_problems(crowd, history, set())
+        accepted = sum(len(m.accepted) for m in crowd)
+        if sum(final.values()) != accepted:
+            problems.append(f"{accepted} messages accepted, {sum(final.values())} stored")
+        print(
+            f"  [2b] members {len(crowd)} in {CRASH_ROOMS} rooms over 3 instances; SIGKILL"
+            f" {victim.name} after {accepted_before} accepted; its {len(moved)} clients back in"
+            f" {recovered:.2f}s; outcomes {dict(outcomes)} ({resumed:.1%} resumed);"
+            f" messages stored {sum(final.values())}, accepted {accepted}; problems"
+            f" {len(problems)}; pongs {pongs[0]}"
+        )
+        assert len(moved) == CRASH_CLIENTS // 3, [m.name for m in moved]
+        assert resumed >= 0.99, outcomes
         assert not problems, report(problems)
 
 

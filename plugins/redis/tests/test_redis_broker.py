@@ -162,9 +162,19 @@ async def http_status(app: App, path: str) -> int:
 async def test_client_resumes_on_another_instance_with_missed_frames_and_answers(
     redis: dict[str, str],
 ) -> None:
-    """Frames produced on instance 1 while the client was away are replayed when it
-    resumes on instance 2; a retry there gets the original answer, run nothing."""
+    """What instance 1 addressed to the session while the client was away (the answer of
+    a request still running when it dropped) is replayed when it resumes on instance 2;
+    the room messages it missed are not in its outbox: it joins the room again with
+    ``since`` and gets them from the room's history. A retry there gets the original
+    answer and runs nothing."""
     one, two = new_app(redis), new_app(redis)
+    release = anyio.Event()
+
+    @one.handler("slow")
+    async def slow(message: Any) -> dict[str, str]:
+        await release.wait()
+        return {"done": "while away"}
+
     async with serving(one), serving(two):
         assert broker(one).epoch == broker(two).epoch  # the epoch lives in Redis
         async with ws(one) as client:
@@ -173,6 +183,9 @@ async def test_client_resumes_on_another_instance_with_missed_frames_and_answers
             assert first["content"] == {"n": 1}
             joined = await request(client, "j1", "join", {"room": "lobby"})
             last_seq = joined["seq"]
+            await send(client, "slow", "slow", {})
+            await until(lambda: one.session(init["sessionId"]).pending, "slow never started")
+        release.set()
         sent = []
         async with ws(two) as member:
             await request(member, "m0", "join", {"room": "lobby"})
@@ -183,25 +196,33 @@ async def test_client_resumes_on_another_instance_with_missed_frames_and_answers
                 sent.append(reply["content"])
         session = init["sessionId"]
 
-        async def flushed() -> bool:  # instance 1 kept them in the session's outbox in Redis
+        async def flushed() -> bool:  # instance 1 kept the answer in the outbox in Redis
             record = await broker(one).find_session(session)
-            # the member's presence join and leave (told by instance 2), and its 3 messages
-            return record is not None and record.last_seq == last_seq + 5
+            return record is not None and record.last_seq == last_seq + 1
 
-        await until(flushed, "instance 1 never stored the frames for the absent client")
+        await until(flushed, "instance 1 never stored the answer for the absent client")
         async with ws(two) as again:
             resume = {"sessionId": session, "lastSeq": last_seq, "epoch": init["epoch"]}
             await send(again, "i2", "init", resume)
             resumed, replayed = await answer(again, "i2")
             assert resumed["content"]["resumed"] is True, resumed
-            assert resumed["content"]["missed"] == 5
-            assert [f["content"] for f in replayed if f["type"] == "text"] == sent
-            events = [f["content"]["event"] for f in replayed if f["type"] == "presence"]
-            assert events == ["join", "leave"]
-            assert [f["seq"] for f in replayed] == list(range(last_seq + 1, last_seq + 6))
-            assert resumed["seq"] == last_seq + 6
+            assert resumed["content"]["missed"] == 1
+            # memberships are per instance: none moved to instance 2
+            assert resumed["content"]["rooms"] == []
+            assert [(f["replyTo"], f["content"]) for f in replayed] == [
+                ("slow", {"done": "while away"})
+            ]
+            assert [f["seq"] for f in replayed] == [last_seq + 1]
+            assert resumed["seq"] == last_seq + 2
+            since = {"offset": joined["content"]["offset"], "epoch": joined["content"]["epoch"]}
+            await send(again, "j2", "join", {"room": "lobby", "since": since})
+            rejoined, missed = await answer(again, "j2")
+            assert rejoined["content"]["recovered"] is True
+            assert [f["content"] for f in missed] == sent
+            assert all("seq" not in f for f in missed)
+            assert rejoined["seq"] == last_seq + 3
             retry = await request(again, "once", "count", {})
-            assert retry["content"] == {"n": 1} and retry["seq"] == last_seq + 7
+            assert retry["content"] == {"n": 1} and retry["seq"] == last_seq + 4
             assert (one.count["n"], two.count["n"]) == (1, 0)  # type: ignore[attr-defined]
             fresh = await request(again, "twice", "count", {})
             assert fresh["content"] == {"n": 1} and two.count["n"] == 1  # type: ignore[attr-defined]
@@ -227,10 +248,12 @@ async def test_members_on_two_instances_see_every_message_once_in_offset_order(
     redis: dict[str, str],
 ) -> None:
     """2 instances x 2 members publish 20 messages each at once: every member sees all
-    80, offsets 1..80, its own as replies; presence lists all four on both instances."""
+    80 as room frames, offsets 1..80, and gets its 20 replies; presence lists all four
+    on both instances."""
     apps = [new_app(redis), new_app(redis)]
     per_member = 20
     seen: dict[int, list[dict[str, Any]]] = {}
+    replies: dict[int, list[dict[str, Any]]] = {}
     async with serving(apps[0]), serving(apps[1]), AsyncExitStack() as stack:
         socks = [await stack.enter_async_context(ws(apps[i % 2])) for i in range(4)]
         for i, sock in enumerate(socks):
@@ -248,20 +271,23 @@ async def test_members_on_two_instances_see_every_message_once_in_offset_order(
             for n in range(per_member):
                 await send(sock, f"{i}-{n}", "text", {"room": "party", "text": f"{i}:{n}"})
             got = seen[i] = []
-            while len(got) < everything:
+            mine = replies[i] = []
+            while len(got) < everything or len(mine) < per_member:
                 frame = await recv(sock)
                 if frame["type"] == "error":
                     raise AssertionError(frame)
                 if frame["type"] == "text":
-                    got.append(frame)
+                    (mine if "replyTo" in frame else got).append(frame)
 
         async with anyio.create_task_group() as tg:
             for i in range(len(socks)):
                 tg.start_soon(member, i)
     for i, frames in seen.items():
+        assert [f["offset"] for f in frames] == list(range(1, everything + 1)), i
         assert [f["content"]["offset"] for f in frames] == list(range(1, everything + 1)), i
         assert len({f["content"]["epoch"] for f in frames}) == 1
-        mine = sorted(f["replyTo"] for f in frames if "replyTo" in f)
+        assert all("seq" not in f for f in frames)
+        mine = sorted(f["replyTo"] for f in replies[i])
         assert mine == sorted(f"{i}-{n}" for n in range(per_member))
         texts = sorted(f["content"]["text"] for f in frames)
         assert texts == sorted(f"{c}:{n}" for c in range(len(socks)) for n in range(per_member))
@@ -279,8 +305,8 @@ async def test_presence_of_an_instance_that_stops_beating_expires_within_its_ttl
     await alive.start()
     await dying.start()
     try:
-        assert await alive.presence_add("lobby", "alice", "c-1") is True
-        assert await dying.presence_add("lobby", "bob", "c-2") is True
+        assert await alive.presence_add("lobby", "alice", "c-1") == (True, 1)
+        assert await dying.presence_add("lobby", "bob", "c-2") == (True, 2)
         assert await alive.presence("lobby") == ["alice", "bob"]
 
         async def silent() -> None:
@@ -293,8 +319,44 @@ async def test_presence_of_an_instance_that_stops_beating_expires_within_its_ttl
                 assert members == ["alice", "bob"]
                 await anyio.sleep(0.02)
         assert time.monotonic() - died < ttl + 0.3
-        assert await alive.presence_add("lobby", "bob", "c-3") is True  # a join again
+        assert (await alive.presence_add("lobby", "bob", "c-3"))[0] is True  # a join again
         assert await alive.presence("lobby") == ["alice", "bob"]
+    finally:
+        await dying.stop()
+        await alive.stop()
+
+
+async def test_members_of_a_dead_instance_stop_counting_without_anyone_listing_the_room(
+    redis: dict[str, str],
+) -> None:
+    """``presence_count`` is the hash's length (O(1)); the heartbeats of live instances
+    sweep the entries of dead ones, so the count comes down without a ``presence`` call;
+    an instance that stops cleanly withdraws its entries at once."""
+    ttl = 0.3
+    url, prefix = redis["url"], redis["key_prefix"]
+    options = {"url": url, "key_prefix": prefix, "presence_ttl": ttl, "health_interval": 0.05}
+    alive, dying, leaving = RedisBroker(**options), RedisBroker(**options), RedisBroker(**options)
+    for one in (alive, dying, leaving):
+        await one.start()
+    try:
+        await alive.presence_add("lobby", "alice", "c-1")
+        for n in range(250):  # more than one sweep's worth
+            await dying.presence_add("lobby", f"ghost{n:03d}", f"c-g{n}")
+        await leaving.presence_add("lobby", "carol", "c-3")
+        assert await alive.presence_count("lobby") == 252
+        await leaving.stop()
+        assert await alive.presence_count("lobby") == 251
+
+        async def silent() -> None:
+            return None
+
+        dying._beat = silent  # type: ignore[method-assign]  # it dies: no heartbeat
+
+        async def swept() -> bool:
+            return await alive.presence_count("lobby") == 1
+
+        await until(swept, "the dead instance's members still count")
+        assert await alive.presence("lobby") == ["alice"]
     finally:
         await dying.stop()
         await alive.stop()
@@ -557,10 +619,13 @@ async def test_a_session_resumed_elsewhere_is_released_by_the_instance_it_left(
             frames = [await recv(again)]
             while frames[-1]["type"] == "presence":  # the other member's join and leave
                 frames.append(await recv(again))
-            assert frames[-1]["content"]["offset"] == sent["content"]["offset"]
-            rejoined = resumed["seq"] + 1  # the join's answer; then only instance 2 numbers
-            seqs = [f["seq"] for f in frames]
-            assert seqs == list(range(rejoined + 1, rejoined + 1 + len(seqs))), seqs
+            assert frames[-1]["offset"] == sent["content"]["offset"]
+            assert all("seq" not in f for f in frames)  # room frames: numbered by no session
+            later = await frames_before_pong(again, "p1")  # the other's leave may come late
+            assert [f["type"] for f in later] in ([], ["presence"]), later  # the text once
+            # the join's answer and the pong: only instance 2 numbers the session
+            pong = await request(again, "p2", "ping", {})
+            assert pong["seq"] == resumed["seq"] + 3
 
 
 async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[str, str]) -> None:
@@ -601,6 +666,44 @@ async def test_a_stale_holder_cannot_write_to_a_session_taken_over(redis: dict[s
     finally:
         await new.stop()
         await old.stop()
+
+
+async def test_a_session_frame_reaches_its_client_only_once_redis_holds_it(
+    redis: dict[str, str],
+) -> None:
+    """Write-through (issue 13): while the flush carrying its write is held back, a frame
+    is not delivered; once Redis acknowledged the write it is, in order, and another
+    instance already reads it (a client is never ahead of what Redis holds)."""
+    url, prefix = redis["url"], redis["key_prefix"]
+    one, other = RedisBroker(url=url, key_prefix=prefix), RedisBroker(url=url, key_prefix=prefix)
+    await one.start()
+    await other.start()
+    try:
+        real = one._send
+        flushing, gate = anyio.Event(), anyio.Event()
+
+        async def held_back(batch: list[Any]) -> None:
+            flushing.set()
+            await gate.wait()
+            await real(batch)
+
+        one._send = held_back  # type: ignore[method-assign]
+        log = one.open_session("s-through", "alice")
+        delivered: list[bytes] = []
+        log.append(1, b"frame 1", delivered.append)
+        log.append(2, b"frame 2", delivered.append)
+        with anyio.fail_after(BOUND):
+            await flushing.wait()  # the flusher holds the batch with both writes
+        assert delivered == []
+        gate.set()
+        await until(lambda: len(delivered) == 2, "never delivered")
+        assert delivered == [b"frame 1", b"frame 2"]
+        record = await other.find_session("s-through")
+        assert record is not None and record.last_seq == 2
+        assert await record.log.since(0) == [b"frame 1", b"frame 2"]
+    finally:
+        await other.stop()
+        await one.stop()
 
 
 async def test_presence_notices_reach_members_on_other_instances(redis: dict[str, str]) -> None:
@@ -812,7 +915,7 @@ async def test_a_leave_handled_while_the_join_reads_leaves_no_trace(
             if frame.get("replyTo") in ("j1", "l1"):
                 replies[frame["replyTo"]] = frame
         assert {f["type"] for f in replies.values()} == {"join", "ack"}, replies
-        assert rooms(one).replayed == {} and rooms(one).joined == {}
+        assert rooms(one).rooms == {} and rooms(one).joined == {}
         assert await broker(one).presence("lobby") == []
 
 

@@ -2,14 +2,35 @@
 
 ``join``/``leave``/``presence`` are this plugin's types; ``text`` with a ``room``
 is published to that room through a ``wrap_handler`` around the text plugin's
-handler. Membership belongs to the session (it survives reconnects and ends when
-the session expires); presence follows connections. Offsets, epochs, history and
-fan-out across processes are the broker's (``app.broker``).
+handler. Offsets, epochs, history and fan-out across processes are the broker's
+(``app.broker``).
+
+A room message rides the room's stream, not the members' sessions (issue 13): the
+broker stores it once and calls this process's listener once; the listener encodes
+one frame (``room``, ``offset``, ``epoch``, no ``seq``) and writes it to every local
+member connection (:meth:`Connection.deliver`), the sender's included. Nothing is
+copied into a session's outbox: a member that reconnects gets what it missed by
+joining again with ``since``.
+
+Membership belongs to the session (it survives reconnects and ends when the session
+expires, or with ``leave``); delivery belongs to the connection that joined. After a
+disconnect a room delivers nothing to the session until a connection of it joins the
+room again (with ``since``: the join replays what was missed and hands over to live
+delivery without duplicates or reordering); a resumed session's ``init`` answer lists
+its rooms (``rooms``) to re-join. Presence follows connections: a connection is present
+in the rooms it joined.
+
+Presence that scales: joins and leaves are announced (``presence`` events) only in
+rooms of at most ``large_room`` members, and only such rooms list their members in
+the ``join`` answer (larger ones give the ``count``; a ``presence`` request lists
+them). So n joins cost at most ``large_room`` events each: O(n), not O(n²).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,6 +41,7 @@ from backchannel import (
     ErrorCode,
     Message,
     Session,
+    StashKey,
     hookimpl,
 )
 from backchannel.contracts import load_schema
@@ -27,6 +49,11 @@ from backchannel.contracts import load_schema
 __all__ = ["Plugin"]
 
 _PKG = "backchannel_rooms"
+
+#: a stored message and its frame, encoded once in this process
+_Held = tuple[dict[str, Any], bytes]
+#: the rooms a connection is present in (its disconnect withdraws it from each)
+_PRESENT = StashKey[set[str]]()
 
 
 def _require(connection: Connection, action: str, room: str) -> None:
@@ -38,13 +65,30 @@ def _require(connection: Connection, action: str, room: str) -> None:
 
 #: fields of a stored room message that only the plugin reads
 _PRIVATE = frozenset({"session", "request"})
-#: most publishes remembered as answered with an error (see ``Plugin.unconfirmed``)
-_UNCONFIRMED_MAX = 10_000
 
 
 def _public(stored: dict[str, Any]) -> dict[str, Any]:
     """The room message as clients see it (without the sender's session and request ids)."""
     return {k: v for k, v in stored.items() if k not in _PRIVATE}
+
+
+@dataclass(eq=False)
+class _Room:
+    """What this process knows of one room with members here."""
+
+    #: subscribed to the broker while the room has members here
+    listener: Callable[[dict[str, Any]], None]
+    #: member sessions (membership survives reconnects)
+    members: set[str] = field(default_factory=set)
+    #: session id -> the connection its join made live: room frames go there
+    live: dict[str, Connection] = field(default_factory=dict)
+    #: session id of a join reading its position -> messages held for it meanwhile
+    joining: dict[str, list[_Held]] = field(default_factory=dict)
+    #: session id -> (offset, epoch) its join's replay reached, until the broker's
+    #: delivery passes it (a new subscription may deliver what the replay held)
+    replayed: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: (offset, epoch) of the last message the broker delivered here
+    delivered: tuple[int, str] | None = None
 
 
 class Plugin:
@@ -55,21 +99,11 @@ class Plugin:
         self.history_size = 1000
         self.history_ttl = 3600.0
         self.max_rooms = 100
-        #: room -> ids of member sessions in this process.
-        self.members: dict[str, set[str]] = {}
+        self.large_room = 100
+        #: room -> its state in this process (rooms with member sessions here)
+        self.rooms: dict[str, _Room] = {}
         #: session id -> rooms it is a member of.
         self.joined: dict[str, set[str]] = {}
-        self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
-        # Per room, so a room without joins in progress costs the fan-out nothing:
-        #: room -> session id of a join reading its position -> live messages held meanwhile
-        self.joining: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        #: room -> session id -> (offset, epoch) its join replayed up to, until the broker's
-        #: delivery passes it (a new subscription may deliver what the replay held)
-        self.replayed: dict[str, dict[str, tuple[int, str]]] = {}
-        #: room -> (offset, epoch) of the last message delivered to its members here
-        self.delivered: dict[str, tuple[int, str]] = {}
-        #: "session:request" of publishes answered with an error (oldest first)
-        self.unconfirmed: dict[str, None] = {}
 
     # set-up -----------------------------------------------------------------
 
@@ -84,6 +118,7 @@ class Plugin:
         self.history_size = cfg["history_size"]
         self.history_ttl = cfg["history_ttl"]
         self.max_rooms = cfg["max_rooms_per_session"]
+        self.large_room = cfg["large_room"]
 
     @hookimpl
     def message_types(self, register: Callable[..., None]) -> None:
@@ -110,16 +145,29 @@ class Plugin:
 
     @hookimpl
     def wrap_handler(self, type: str, handler: Callable[..., Any]) -> Callable[..., Any] | None:
-        if type != "text":
-            return None
+        if type == "text":
 
-        def text(message: Message, connection: Connection) -> Any:
-            # sync: a text without a room costs one dict lookup more, and no task switch
-            if "room" in message.content:
-                return self.publish(message, connection)
-            return handler(message, connection)
+            def text(message: Message, connection: Connection) -> Any:
+                # sync: a text without a room costs one dict lookup more, and no task switch
+                if "room" in message.content:
+                    return self.publish(message, connection)
+                return handler(message, connection)
 
-        return text
+            return text
+        if type == "init":
+
+            async def init(message: Message, connection: Connection) -> Any:
+                reply = handler(message, connection)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+                if isinstance(reply, dict) and reply.get("resumed") is True:
+                    # its memberships here: rooms that deliver nothing until joined again
+                    rooms = sorted(self.joined.get(connection.session.id, ()))
+                    reply = {**reply, "rooms": rooms}
+                return reply
+
+            return init
+        return None
 
     # handlers ---------------------------------------------------------------
 
@@ -139,14 +187,14 @@ class Plugin:
             )
         broker = self._app.broker
         since = message.content.get("since")
-        # Live messages reach a member from here on, while its position (and replay) is
-        # read: hold them, so none arrives before the replay nor twice.
-        held: list[dict[str, Any]] = []
-        joining = self.joining.setdefault(room, {})
-        joining.setdefault(session.id, held)
-        self._add_member(room, session.id)
+        state = self._add_member(room, session.id)
+        # Live messages reach this connection from the end of this join on; while its
+        # position (and replay) is read, hold them, so none arrives before the replay
+        # nor twice. A join again (after a reconnect) starts over the same way.
+        state.live.pop(session.id, None)
+        held: list[_Held] = []
+        state.joining.setdefault(session.id, held)
         reply: dict[str, Any] = {"room": room}
-        offset, epoch = -1, ""
         try:
             if since is not None:
                 missed, offset, epoch = await broker.room_since(
@@ -155,24 +203,29 @@ class Plugin:
                 reply["recovered"] = missed is not None
                 reply["missed"] = len(missed or ())
                 for stored in missed or ():
-                    session.send("text", _public(stored))
+                    connection.deliver(self._frame(stored))
             else:
-                _, offset, epoch = await broker.room_since(room, 0, "")
+                offset, epoch = await broker.room_position(room)
         finally:
-            if joining.get(session.id) is held:
-                del joining[session.id]
-                if not joining:
-                    self.joining.pop(room, None)
-            for stored in held:  # published after the position read
-                if stored["offset"] > offset or stored["epoch"] != epoch:
-                    session.send("text", _public(stored))
-                    offset, epoch = stored["offset"], stored["epoch"]
-        if room in self.joined.get(session.id, ()):  # not left while the position was read
-            last = self.delivered.get(room)
+            if state.joining.get(session.id) is held:
+                del state.joining[session.id]
+        for stored, frame in held:  # published after the position read
+            if stored["offset"] > offset or stored["epoch"] != epoch:
+                connection.deliver(frame)
+                offset, epoch = stored["offset"], stored["epoch"]
+        # not left, expired or closed while the position was read
+        if room in self.joined.get(session.id, ()) and not connection.closing:
+            last = state.delivered
             if last is None or last[1] != epoch or last[0] < offset:
-                self.replayed.setdefault(room, {})[session.id] = (offset, epoch)
-            await self._present(room, connection)
-        reply.update(members=await broker.presence(room), offset=offset, epoch=epoch)
+                state.replayed[session.id] = (offset, epoch)
+            state.live[session.id] = connection
+            count = await self._present(room, connection)
+        else:
+            count = await self._app.broker.presence_count(room)
+        reply.update(count=count, offset=offset, epoch=epoch)
+        if count <= self.large_room:
+            members = await broker.presence(room)
+            reply.update(members=members, count=len(members))
         return reply
 
     async def leave(self, message: Message, connection: Connection) -> None:
@@ -204,35 +257,40 @@ class Plugin:
             "session": session.id,
             "request": message.id,
         }
-        try:
-            stored = await self._app.broker.publish(
-                room,
-                body,
-                history_size=self.history_size,
-                history_ttl=self.history_ttl,
-                # a retry: same session (or the one its client failed to resume), id, bytes
-                dedupe=f"{session.origin}:{message.id}:{message.digest}",
-            )
-        except BackchannelError as exc:
-            # Answered with an error whose outcome is unknown (a networked broker sent it
-            # but did not hear back: ``maybe_done``): should it land, its sender gets it too.
-            if getattr(exc, "maybe_done", False):
-                self.unconfirmed[f"{session.id}:{message.id}"] = None
-                if len(self.unconfirmed) > _UNCONFIRMED_MAX:
-                    del self.unconfirmed[next(iter(self.unconfirmed))]
-            raise
+        # The reply is this answer (a session frame); the message itself reaches every
+        # member connection, the sender's too, as a room frame. A publish answered
+        # ``overloaded`` that lands anyway (a networked broker that did not confirm in
+        # time) reaches its sender like any member.
+        stored = await self._app.broker.publish(
+            room,
+            body,
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            # a retry: same session (or the one its client failed to resume), id, bytes
+            dedupe=f"{session.origin}:{message.id}:{message.digest}",
+        )
         return _public(stored)
 
-    # membership, fan-out, presence ------------------------------------------
+    # membership, fan-out ----------------------------------------------------
 
-    def _add_member(self, room: str, session_id: str) -> None:
+    def _frame(self, stored: dict[str, Any]) -> bytes:
+        """The room frame of a stored message: encoded once, the same for every member."""
+        return self._app.encode_frame(
+            "text",
+            _public(stored),
+            room=stored["room"],
+            offset=stored["offset"],
+            epoch=stored["epoch"],
+        )
+
+    def _add_member(self, room: str, session_id: str) -> _Room:
         self.joined.setdefault(session_id, set()).add(room)
-        members = self.members.setdefault(room, set())
-        if not members:
-            listener = partial(self._fan_out, room)
-            self._listeners[room] = listener
-            self._app.broker.subscribe(room, listener)
-        members.add(session_id)
+        state = self.rooms.get(room)
+        if state is None:
+            state = self.rooms[room] = _Room(partial(self._fan_out, room))
+            self._app.broker.subscribe(room, state.listener)
+        state.members.add(session_id)
+        return state
 
     def _remove_member(self, room: str, session_id: str) -> None:
         rooms = self.joined.get(session_id)
@@ -240,56 +298,48 @@ class Plugin:
             rooms.discard(room)
             if not rooms:
                 del self.joined[session_id]
-        skip = self.replayed.get(room)
-        if skip is not None:
-            skip.pop(session_id, None)
-            if not skip:
-                del self.replayed[room]
-        members = self.members.get(room)
-        if members is None:
+        state = self.rooms.get(room)
+        if state is None:
             return
-        members.discard(session_id)
-        if not members:
-            del self.members[room]
-            self.delivered.pop(room, None)
-            listener = self._listeners.pop(room, None)
-            if listener is not None:
-                self._app.broker.unsubscribe(room, listener)
+        state.members.discard(session_id)
+        state.live.pop(session_id, None)
+        state.replayed.pop(session_id, None)
+        if not state.members:
+            del self.rooms[room]
+            self._app.broker.unsubscribe(room, state.listener)
 
     def _fan_out(self, room: str, stored: dict[str, Any]) -> None:
-        """Deliver a room message to every local member session but the sender's (who
-        gets it as the answer to its request, unless that answer was an error)."""
-        session_of = self._app.session
-        content = _public(stored)
-        sender = stored.get("session")
-        if self.unconfirmed:
-            request = f"{sender}:{stored.get('request')}"
-            if request in self.unconfirmed:
-                del self.unconfirmed[request]
-                sender = None
-        self.delivered[room] = (stored["offset"], stored["epoch"])
-        joining = self.joining.get(room)
-        skip = self.replayed.get(room)
-        for session_id in list(self.members.get(room, ())):
-            if session_id == sender:
-                continue
-            if joining is not None and session_id in joining:
-                joining[session_id].append(stored)
-                continue
-            if skip is not None and session_id in skip:
-                offset, epoch = skip[session_id]
-                if stored["offset"] <= offset and stored["epoch"] == epoch:
+        """The broker's delivery of one room message to this process: one frame, written
+        to every live member connection (the sender's too), in offset order."""
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        state.delivered = (stored["offset"], stored["epoch"])
+        if not state.live and not state.joining:
+            return
+        frame = self._frame(stored)
+        if state.joining:
+            for held in state.joining.values():
+                held.append((stored, frame))
+        skip = state.replayed
+        if not skip:
+            for connection in list(state.live.values()):
+                connection.deliver(frame)
+            return
+        for session_id, connection in list(state.live.items()):
+            done = skip.get(session_id)
+            if done is not None:
+                if stored["offset"] <= done[0] and stored["epoch"] == done[1]:
                     continue  # its join's replay had it
                 del skip[session_id]
-                if not skip:
-                    del self.replayed[room]
-            session = session_of(session_id)
-            if session is not None:
-                session.send("text", content)
+            connection.deliver(frame)
+
+    # presence ---------------------------------------------------------------
 
     def _announce(self, room: str, event: str, member: str, skip: str) -> None:
-        """A member joined or left: tell the room's members here and on every other
-        instance sharing the broker (at most once there, like any control message)."""
+        """A member joined or left a room that is not large: tell the room's live members
+        here and on every other process sharing the broker (at most once there, like any
+        control message)."""
         self._notify(room, event, member, skip)
         message = {"op": "rooms.presence", "room": room, "event": event, "member": member}
         self._app.broker.tell(None, message)
@@ -300,34 +350,53 @@ class Plugin:
             self._notify(message["room"], message["event"], message["member"])
 
     def _notify(self, room: str, event: str, member: str, skip: str | None = None) -> None:
-        session_of = self._app.session
+        """One presence frame (unnumbered, not kept), written to the room's live members."""
+        state = self.rooms.get(room)
+        if state is None or not state.live:
+            return
         content = {"room": room, "event": event, "member": member}
-        for session_id in list(self.members.get(room, ())):
-            session = session_of(session_id)
-            if session is not None and session_id != skip:
-                session.send("presence", content)
+        frame = self._app.encode_frame("presence", content, room=room)
+        for session_id, connection in list(state.live.items()):
+            if session_id != skip:
+                connection.deliver(frame)
 
-    async def _present(self, room: str, connection: Connection) -> None:
+    async def _present(self, room: str, connection: Connection) -> int:
+        """``connection`` is present in ``room``; returns the room's member count."""
+        broker = self._app.broker
         member = connection.session.principal_id
-        if await self._app.broker.presence_add(room, member, connection.id):
+        added, count = await broker.presence_add(room, member, connection.id)
+        if connection.closing:  # closed meanwhile: its disconnect may have run already
+            return (await broker.presence_remove(room, member, connection.id))[1]
+        connection.stash.setdefault(_PRESENT, set()).add(room)
+        if added and count <= self.large_room:
             self._announce(room, "join", member, skip=connection.session.id)
+        return count
 
     async def _absent(self, room: str, connection: Connection) -> None:
+        present = connection.stash.get(_PRESENT, set())
+        if room not in present:
+            return
+        present.discard(room)
         member = connection.session.principal_id
-        if await self._app.broker.presence_remove(room, member, connection.id):
+        gone, count = await self._app.broker.presence_remove(room, member, connection.id)
+        if gone and count < self.large_room:  # it was not large before
             self._announce(room, "leave", member, skip=connection.session.id)
 
     # lifecycle --------------------------------------------------------------
 
     @hookimpl
     async def disconnect(self, connection: Connection, code: int) -> None:
-        for room in list(self.joined.get(connection.session.id, ())):
+        """The connection's rooms deliver nothing more to its session (until a connection
+        of it joins again); it is no longer present where it joined."""
+        session_id = connection.session.id
+        for room in list(self.joined.get(session_id, ())):
+            state = self.rooms.get(room)
+            if state is not None and state.live.get(session_id) is connection:
+                del state.live[session_id]
+                state.replayed.pop(session_id, None)
+        present: set[str] = connection.stash.get(_PRESENT, set())
+        for room in list(present):
             await self._absent(room, connection)
-
-    @hookimpl
-    async def session_resumed(self, session: Session, connection: Connection) -> None:
-        for room in list(self.joined.get(session.id, ())):
-            await self._present(room, connection)
 
     @hookimpl
     def session_expired(self, session: Session) -> None:
