@@ -2,9 +2,11 @@
  * (`backchannel asyncapi`): do not edit; see README, "Other languages". */
 
 /**
- * Every server-to-client text frame. Answers carry replyTo; error frames always carry it (null when the request had no usable id).
+ * Every server-to-client text frame. A session frame (an answer, a chunk, a direct send, a notice) carries seq; a room frame carries room instead: a room message also offset and epoch, a presence event none (it is not kept). Answers carry replyTo; error frames always carry it (null when the request had no usable id).
  */
 export type ServerFrame = {
+  [k: string]: unknown;
+} & {
   id: string;
   type: string;
   replyTo?: string | null;
@@ -12,9 +14,21 @@ export type ServerFrame = {
     [k: string]: unknown;
   };
   /**
-   * Per-session sequence number, +1 per frame.
+   * Session frames: per-session sequence number, +1 per frame addressed to the session.
    */
-  seq: number;
+  seq?: number;
+  /**
+   * Room frames: the room.
+   */
+  room?: string;
+  /**
+   * Room messages: the room offset, +1 per message within the epoch.
+   */
+  offset?: number;
+  /**
+   * Room messages: the room's epoch (offsets start at 1 again in a new one).
+   */
+  epoch?: string;
   timestamp: string;
 };
 
@@ -142,6 +156,10 @@ export interface InitReply {
   epoch?: string;
   reason?: "unknown_session" | "expired" | "evicted" | "trimmed" | "epoch_changed" | "ahead" | "not_requested";
   principal?: string;
+  /**
+   * rooms plugin, resumed sessions: the rooms the session is a member of on this server. They deliver nothing to it until it joins them again (with since); after a resume on another server, memberships did not move and the list is empty: a client re-joins the rooms it knows.
+   */
+  rooms?: string[];
   server: {
     name: string;
     version: string;
@@ -151,7 +169,7 @@ export interface InitReply {
   [k: string]: unknown;
 }
 /**
- * Request content. With since, the messages after since.offset are replayed (as room message frames) before the answer when the room's history covers them; otherwise the answer says recovered: false. The answer (type join) is $defs.reply.
+ * Request content. Joining makes this connection receive the room's messages (room frames: room, offset, epoch, no seq). With since, the messages after since.offset are replayed (as room frames) before live ones when the room's history covers them; otherwise the answer says recovered: false. The answer (type join) is $defs.reply; it is a session frame, so it may reach the client before or after room frames (no order between the two streams).
  */
 export interface JoinContent {
   room: string;
@@ -162,7 +180,14 @@ export interface JoinContent {
 }
 export interface JoinReply {
   room: string;
-  members: string[];
+  /**
+   * Members present.
+   */
+  count: number;
+  /**
+   * Members present, sorted; only in a room that is not large (rooms.large_room).
+   */
+  members?: string[];
   offset: number;
   epoch: string;
   recovered?: boolean;

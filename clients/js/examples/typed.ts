@@ -13,7 +13,7 @@ export async function chat(url: string, token: string): Promise<void> {
   console.log(pong.serverTime);
 
   const joined = await client.request("join", { room: "lobby", since: { offset: 0, epoch: "e" } });
-  const members: string[] = joined.members;
+  const members: string[] = joined.members ?? []; // (a large room answers a count instead)
   console.log(members, joined.offset + 1);
 
   const room = await client.subscribe("lobby", (message) => console.log(message.offset, message.text));
