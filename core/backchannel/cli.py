@@ -362,7 +362,10 @@ def _supervise(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
                 proc.wait()
         signal.set_wakeup_fd(old_wakeup)
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            # A stop signal repeated after the workers are gone (a launcher forwarding it
+            # late) must not kill the supervisor on its way out: it is the same stop.
+            stopping = requested and signum in (signal.SIGINT, signal.SIGTERM)
+            signal.signal(signum, signal.SIG_IGN if stopping else handler)
         os.close(wake_r)
         os.close(wake_w)
 
