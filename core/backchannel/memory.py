@@ -158,8 +158,12 @@ class _SessionLog:
             oldest = next(iter(answers))
             del answers[oldest]
             self.size -= len(oldest) + ANSWER_COST
-        self._fit()
-        broker._grew(self, self.size - before)
+        if self.size > self.max_bytes:
+            self._fit()
+        # (inline: every answered request comes here) the process total, as in append
+        broker.used += self.size - before
+        if broker.used > broker.total_max_bytes or broker._full:
+            broker._settle(self)
 
     def recall(self, request_id: str) -> tuple[bytes, int] | None:
         entry = self.answers.get(request_id)
