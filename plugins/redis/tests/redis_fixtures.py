@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from instances import RedisServer, require_redis_server
+from instances import RedisCluster, RedisServer, require_redis_server
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +28,24 @@ def redis_server(redis_process: RedisServer) -> RedisServer:
         redis_process.start()
     redis_process.call("CLIENT", "UNPAUSE")
     return redis_process
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private Redis Cluster for the module (6 nodes: 3 masters, 3 replicas, on free
+    loopback ports, killed by PID). Skipped without ``redis-server`` on PATH, failed
+    when ``CI`` is set."""
+    cluster = RedisCluster(require_redis_server(), tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_process: RedisCluster) -> RedisCluster:
+    """The module's cluster with all six nodes running and ``cluster_state:ok`` (a test
+    that killed a master and failed left it so)."""
+    redis_cluster_process.ensure()
+    return redis_cluster_process
