@@ -41,6 +41,7 @@ def broker_from_config(app: App, **overrides: Any) -> RedisBroker:
         "presence_ttl": cfg["presence_ttl"],
         "room_ttl": cfg["room_ttl"],
         "max_buffered_writes": cfg["max_buffered_writes"],
+        "cluster": cfg["cluster"],
         "outbox_size": session.outbox_size,
         "outbox_max_bytes": session.outbox_max_bytes,
         "dedupe_window": session.dedupe_window,

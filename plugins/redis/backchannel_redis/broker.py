@@ -9,6 +9,12 @@ background task, because the kernel makes them on the per-message path and they
 must not block, and each session frame handed to its client once its write is
 acknowledged (write-through); presence as a hash per room whose entries count only
 while their instance beats.
+
+On a Redis Cluster (``cluster=True``, issue 15) every call touches one slot (the
+session writes of a batch are grouped by slot), room messages travel on sharded
+pub/sub (``SSUBSCRIBE`` on each room's node) while control messages stay on classic
+pub/sub, a health probe pings every primary, and the client's view of the cluster is
+refreshed whenever a call or the subscriber fails (a failover moves slots).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import math
 import os
 import random
 import time
+import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from itertools import count
@@ -31,7 +38,9 @@ import coredis
 import orjson
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from coredis._utils import hash_slot
 from coredis.commands.script import Script
+from coredis.exceptions import ClusterDownError, ClusterError, ClusterRoutingError, TryAgainError
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
@@ -46,9 +55,20 @@ log = logging.getLogger("backchannel.broker.redis")
 
 #: ``on_state(ready, why)``: called on every readiness transition.
 StateCallback = Callable[[bool, str], None]
+#: a client of one Redis, or of a Redis Cluster (``cluster=True``)
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 
-#: errors that mean "Redis is not reachable now" (not a bug in a script)
-_UNREACHABLE = (RedisConnectionError, TimeoutError, OSError)
+#: errors that mean "Redis is not reachable now" (not a bug in a script); on a cluster,
+#: also a cluster that cannot serve a slot now (a master failed, its replica not promoted)
+_UNREACHABLE = (
+    RedisConnectionError,
+    TimeoutError,
+    OSError,
+    ClusterDownError,
+    ClusterError,
+    ClusterRoutingError,
+    TryAgainError,
+)
 #: most stream entries one catch-up reads
 _CATCH_UP_MAX = 10_000
 #: most buffered writes one flush sends
@@ -279,9 +299,12 @@ class RedisBroker:
         dedupe_size: int = 32,
         total_max_bytes: int = 64 << 20,
         session_lease: float = 120.0,
+        cluster: bool = False,
         on_state: StateCallback | None = None,
     ) -> None:
         self.url = url
+        #: ``url`` names a node of a Redis Cluster (the others are discovered)
+        self.cluster = cluster
         self.prefix = key_prefix
         self._room_channels = f"{key_prefix}:r:"
         self.timeout = timeout
@@ -305,7 +328,8 @@ class RedisBroker:
         self._epoch = os.urandom(8).hex()  # provisional until Redis answers
         self._ready = False
         self._started = False
-        self._client: coredis.Redis[bytes] | None = None
+        self._stopping = False
+        self._client: Client | None = None
         self._stack: AsyncExitStack | None = None
         self._tasks: TaskGroup | None = None
         self._s: dict[str, Script[bytes]] = {}
@@ -357,7 +381,12 @@ class RedisBroker:
         return [f"{base}:h", f"{base}:i", f"{base}:c"]
 
     def _channel(self, room: str) -> str:
-        return f"{self._room_channels}{room}"
+        """The room's channel: its keys' hash tag, so a cluster publishes it on their node."""
+        return f"{self._room_channels}{{{room}}}"
+
+    def _slot(self, session_id: str) -> int:
+        """The cluster slot of a session's keys."""
+        return hash_slot(self._session_keys(session_id)[0].encode())
 
     def _control_channel(self, instance: str | None) -> str:
         """Where control messages for ``instance`` (every instance when None) go."""
@@ -414,7 +443,7 @@ class RedisBroker:
             raise _Unavailable("Redis is not reachable")
 
     @property
-    def _redis(self) -> coredis.Redis[bytes]:
+    def _redis(self) -> Client:
         if self._client is None:
             raise _Unavailable("not started")
         return self._client
@@ -446,13 +475,16 @@ class RedisBroker:
         self._events: MemoryObjectReceiveStream[tuple[str, Any]] = events[1]
         stack = AsyncExitStack()
         self._stack = stack
-        client = coredis.Redis.from_url(
-            self.url,
-            stream_timeout=self.timeout,
-            connect_timeout=self.timeout,
-            # a lost connection is retried once; a timeout never (the script may have run)
-            retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
-        )
+        kind = coredis.RedisCluster if self.cluster else coredis.Redis
+        with warnings.catch_warnings():  # coredis 6.9's own from_url trips its deprecation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            client: Client = kind.from_url(
+                self.url,
+                stream_timeout=self.timeout,
+                connect_timeout=self.timeout,
+                # a lost connection is retried once; a timeout never (the script may have run)
+                retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
+            )
         self._client = await stack.enter_async_context(client)
         self._s = {name: client.register_script(getattr(scripts, name)) for name in scripts.__all__}
         self._tasks = await stack.enter_async_context(anyio.create_task_group())
@@ -494,6 +526,7 @@ class RedisBroker:
                 except Exception as exc:
                     log.warning("redis broker stopped without flushing: %s", exc)
         self._ready = False
+        self._stopping = True  # what fails from now on is the stop, not Redis
         assert self._tasks is not None
         self._tasks.cancel_scope.cancel()
         stack, self._stack = self._stack, None
@@ -508,7 +541,11 @@ class RedisBroker:
                 await self._barrier()
 
     async def _check(self) -> None:
-        """One health probe: read (or make) the epoch. Marks the broker ready."""
+        """One health probe: read (or make) the epoch; on a cluster, every primary must
+        answer too (a failed master's slots cannot be served until its replica is
+        promoted). Marks the broker ready."""
+        if isinstance(self._redis, coredis.RedisCluster):
+            await self._redis.ping()  # coredis sends it to every primary
         key = f"{self.prefix}:epoch"
         epoch = await self._redis.get(key)  # a command costs Redis less than a script
         if epoch is None:
@@ -538,8 +575,19 @@ class RedisBroker:
                 await anyio.sleep(tick)
             except Exception as exc:
                 self._set_ready(False, _reason(exc))
+                await self._rediscover()
                 await anyio.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, self.reconnect_max_delay)
+
+    async def _rediscover(self) -> None:
+        """On a cluster, read its layout again after a failure: a failover gives a failed
+        master's slots to its replica, and coredis would otherwise keep asking the dead
+        node. Best effort, bounded: the next failure tries again."""
+        client = self._client
+        if isinstance(client, coredis.RedisCluster):
+            with contextlib.suppress(Exception), anyio.move_on_after(self.timeout * 2):
+                await client.connection_pool.cluster_layout.initialize()
+                self._count("cluster_layout_refreshed")
 
     # ------------------------------------------------------- buffered writes
 
@@ -653,22 +701,47 @@ class RedisBroker:
             int(self.session_lease * 1000),
             self._control_channel(""),
         ]
-        # Calls, not a pipeline: a pipeline of scripts costs coredis a SCRIPT EXISTS round
-        # trip first, and a batch is mostly one call (each a Redis round trip: ~18 µs of
-        # Redis CPU here, as much as the writes themselves).
-        script = self._s["SESSIONS"]
-        keys: list[str] = []
-        args = list(head)
-        for session_id, session_runs in runs.items():
-            keys += self._session_keys(session_id)
-            args += (session_id, len(session_runs))
-            for kind, values in session_runs:
-                args += (_KINDS[kind], len(values), *values)
-            if len(keys) >= 4 * _CALL_SESSIONS:
-                await script(keys, args)
-                keys, args = [], list(head)
-        if keys:
-            await script(keys, args)
+        calls: list[tuple[list[str], list[Any]]] = []
+        for group in self._groups(runs):
+            keys: list[str] = []
+            args = list(head)
+            for session_id in group:
+                keys += self._session_keys(session_id)
+                args += (session_id, len(runs[session_id]))
+                for kind, values in runs[session_id]:
+                    args += (_KINDS[kind], len(values), *values)
+            calls.append((keys, args))
+        await self._run("SESSIONS", calls)
+
+    def _groups(self, session_ids: Iterable[str]) -> list[list[str]]:
+        """Sessions in groups that one call may write: up to ``_CALL_SESSIONS`` each, and
+        on a cluster only sessions of one slot (a script touches one slot)."""
+        groups: list[list[str]] = []
+        filling: dict[int, list[str]] = {}
+        for session_id in session_ids:
+            slot = self._slot(session_id) if self.cluster else 0
+            group = filling.get(slot)
+            if group is None:
+                group = filling[slot] = []
+                groups.append(group)
+            group.append(session_id)
+            if len(group) >= _CALL_SESSIONS:
+                del filling[slot]
+        return groups
+
+    async def _run(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> None:
+        """Run ``script`` once per (keys, args). On one Redis one call after another: a
+        pipeline of scripts costs coredis a SCRIPT EXISTS round trip first, and a batch is
+        mostly one call (each a Redis round trip: ~18 µs of Redis CPU here, as much as the
+        writes themselves). On a cluster, where a batch is a call per slot, in one
+        pipeline, which coredis sends as one round trip per node."""
+        if not self.cluster or len(calls) == 1:
+            for keys, args in calls:
+                await self._s[script](keys, args)
+            return
+        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
+            for keys, args in calls:
+                self._s[script](keys, args, client=pipe)
 
     async def _for_each(
         self, script: str, items: list[str], keys_of: Callable[[str], list[str]], args: list[Any]
@@ -681,13 +754,12 @@ class RedisBroker:
 
     async def _renew_leases(self) -> None:
         """Held sessions keep their keys while this instance lives (it may die holding them)."""
-        lease = int(self.session_lease * 1000)
-        held = list(self._attached)
-        for start in range(0, len(held), _CALL_SESSIONS):
-            keys = [
-                k for sid in held[start : start + _CALL_SESSIONS] for k in self._session_keys(sid)
-            ]
-            await self._s["LEASE"](keys, [self.instance, lease])
+        args: list[Any] = [self.instance, int(self.session_lease * 1000)]
+        calls = [
+            ([k for sid in group for k in self._session_keys(sid)], args)
+            for group in self._groups(list(self._attached))
+        ]
+        await self._run("LEASE", calls)
 
     # -------------------------------------------------------------- sessions
 
@@ -869,11 +941,7 @@ class RedisBroker:
             batch = await self._next_batch(self._tells)
             try:
                 with anyio.fail_after(self.timeout * 2):
-                    async with self._redis.pipeline(
-                        transaction=False, timeout=self.timeout
-                    ) as pipe:
-                        sent = [pipe.publish(self._control_channel(to), data) for to, data in batch]
-                    received = [await reply for reply in sent]
+                    received = await self._publish_all(batch)
             except _UNREACHABLE as exc:
                 self._count("control_lost", len(batch))
                 self._set_ready(False, f"control publish failed: {_reason(exc)}")
@@ -890,6 +958,16 @@ class RedisBroker:
                         "control message for instance %s reached no process (is it gone?)",
                         to,
                     )
+
+    async def _publish_all(self, batch: list[tuple[str | None, bytes]]) -> list[int]:
+        """``PUBLISH`` each, in order, in one call; on a cluster always from the same node
+        (coredis sends a bare ``PUBLISH`` to any node, and messages leaving different
+        nodes may overtake each other)."""
+        args: list[Any] = []
+        for to, data in batch:
+            args += (self._control_channel(to), data)
+        received: list[Any] = await self._s["CONTROL"]([f"{self.prefix}:control"], args)
+        return [int(n) for n in received]
 
     async def _on_control(self, channel: str, data: bytes) -> None:
         try:
@@ -976,6 +1054,7 @@ class RedisBroker:
                     keep,
                     publish_id,
                     dedupe or "",
+                    int(self.cluster),
                 ],
             ),
             write=True,
@@ -994,7 +1073,10 @@ class RedisBroker:
         await self._based(room)
         keep = int(self.room_ttl * 1000)
         reply = await self._call(
-            self._s["ROOM_SINCE"](self._room_keys(room), [offset, epoch, os.urandom(8).hex(), keep])
+            self._s["ROOM_SINCE"](
+                self._room_keys(room),
+                [offset, epoch, os.urandom(8).hex(), keep, int(self.cluster)],
+            )
         )
         current, room_epoch, covered = int(reply[0]), _text(reply[1]), reply[2]
         if not covered:
@@ -1041,25 +1123,37 @@ class RedisBroker:
         requests, so a room's base offset, its catch-ups and its live messages are
         never reordered. A lost connection is made again with backoff, every room is
         subscribed again, and each subscription's confirmation fills the gap from
-        the room's stream.
+        the room's stream. On a cluster, rooms are on sharded pub/sub (a connection to
+        each primary, made again when one fails), control messages on classic pub/sub.
         """
         delay = self.reconnect_min_delay
         lost: float | None = None  # when the connection was lost, until it is back
         attempts = 0
         while True:
             try:
-                async with self._redis.pubsub(
-                    retry_policy=NoRetryPolicy(), subscription_timeout=self.timeout
-                ) as pubsub:
+                async with AsyncExitStack() as subscriptions:
+                    control_sub = rooms_sub = await subscriptions.enter_async_context(
+                        self._redis.pubsub(
+                            retry_policy=NoRetryPolicy(), subscription_timeout=self.timeout
+                        )
+                    )
+                    if isinstance(self._redis, coredis.RedisCluster):
+                        rooms_sub = await subscriptions.enter_async_context(
+                            self._redis.sharded_pubsub(
+                                retry_policy=NoRetryPolicy(), subscription_timeout=self.timeout
+                            )
+                        )
                     channels: set[str] = set()
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._pump, pubsub)
+                        tg.start_soon(self._pump, control_sub)
+                        if rooms_sub is not control_sub:
+                            tg.start_soon(self._pump, rooms_sub)
                         control = [self._control_channel(i) for i in (self.instance, None)]
-                        await pubsub.subscribe(*control)
+                        await control_sub.subscribe(*control)
                         channels.update(control)
                         self._listening.set()
                         for state in list(self._rooms.values()):
-                            await self._establish(pubsub, channels, state)
+                            await self._establish(rooms_sub, channels, state)
                         delay = self.reconnect_min_delay
                         if lost is not None:
                             log.info(
@@ -1071,8 +1165,10 @@ class RedisBroker:
                             )
                             lost, attempts = None, 0
                         async for kind, value in self._events:
-                            await self._on_event(pubsub, channels, kind, value)
+                            await self._on_event(rooms_sub, channels, kind, value)
             except Exception as exc:
+                if self._stopping:
+                    raise
                 # One line per transition (lost, then restored), not one per attempt: an
                 # outage of a few seconds is otherwise ~20 lines (issue 11).
                 self._count("subscriber_reconnects")
@@ -1088,6 +1184,7 @@ class RedisBroker:
                     )
                 else:
                     log.debug("redis broker pub/sub attempt %d failed: %s", attempts, _reason(exc))
+                await self._rediscover()
             await anyio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.reconnect_max_delay)
 
@@ -1120,17 +1217,17 @@ class RedisBroker:
             if value not in self._rooms and channel in channels:
                 channels.discard(channel)
                 await pubsub.unsubscribe(channel)
-        elif value["type"] in ("subscribe", "message"):
+        elif value["type"] in ("subscribe", "ssubscribe", "message"):
             channel = _text(value["channel"])
             rooms = self._room_channels
             if not channel.startswith(rooms):  # a control channel
                 if value["type"] == "message":
                     await self._on_control(channel, bytes(value["data"]))
                 return
-            state = self._rooms.get(channel[len(rooms) :])
+            state = self._rooms.get(channel[len(rooms) + 1 : -1])  # prefix:r:{room}
             if state is None or state.last is None:
                 return  # unsubscribed, or published before this subscription
-            if value["type"] == "subscribe":  # confirmed (again): fill what was missed
+            if value["type"] != "message":  # confirmed (again): fill what was missed
                 await self._catch_up(state)
                 return
             head, epoch, _, body = bytes(value["data"]).split(b" ", 3)

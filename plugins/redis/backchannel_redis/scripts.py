@@ -1,16 +1,22 @@
 """The Lua scripts of the Redis broker: each is one round trip and atomic.
 
 Keys of one session share the hash tag ``{session id}`` and keys of one room
-share ``{room}``, so every script but ``SESSIONS`` touches one Redis Cluster slot
-(``SESSIONS`` carries the writes of many sessions: a cluster mode would group its
-calls by slot). Times come from
-Redis (``TIME``), never from an instance's clock, except a detached session's
-absolute expiry, which the instance computes (``PEXPIREAT``).
+share ``{room}`` (so does the room's channel), so on a Redis Cluster every call
+touches one slot: the broker groups ``SESSIONS`` and ``LEASE`` calls by slot there.
+Times come from Redis (``TIME``), never from an instance's clock, except a detached
+session's absolute expiry, which the instance computes (``PEXPIREAT``).
+
+On a cluster (the ``cluster`` argument of the room scripts is ``1``) a room
+publishes on sharded pub/sub (``SPUBLISH``) and remembers the node that wrote it
+(``CLUSTER MYID``): a room first written to by another node (its master failed over
+to a replica, which may lack the last writes; or its slot was moved) starts a new
+epoch, so that no offset is ever given to two messages.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CONTROL",
     "EPOCH",
     "FRAME_AT",
     "LEASE",
@@ -40,6 +46,17 @@ end
 return e
 """
 
+#: KEYS: any key (only routes the call: on a cluster, every batch goes to the node of this
+#: key, so that control messages leave in the order told). ARGV: (channel, message)...
+#: ``PUBLISH`` each in order; returns how many processes received each.
+CONTROL = """
+local out = {}
+for i = 1, #ARGV, 2 do
+  out[#out + 1] = redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return out
+"""
+
 # ------------------------------------------------------------------- rooms
 
 #: how often (in offsets) a publish also trims the history by age and the dedupe set
@@ -47,17 +64,21 @@ return e
 TRIM_EVERY = 64
 
 #: KEYS: meta, log, dedupe (offsets by request, within the history). ARGV: channel, body,
-#: candidate epoch, history size, history ttl (ms), keep (ms), publish id, dedupe key or "".
+#: candidate epoch, history size, history ttl (ms), keep (ms), publish id, dedupe key or "",
+#: cluster (1 or 0).
 #: Next offset; store, fan out; now and then trim. Returns {offset, epoch}, or for a retry
 #: of a publish still in the history {its offset, epoch, its body} (body nil if the stream
 #: lost it). A room message costs Redis this one call whatever the room's size.
 PUBLISH = (
     """
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+local cluster = ARGV[9] == '1'
+local node = cluster and redis.call('CLUSTER', 'MYID') or ''
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'offset', 'node')
 local ep, off = m[1], tonumber(m[2] or '0')
 local size = tonumber(ARGV[4])
-if not ep or (off > 0 and redis.call('EXISTS', KEYS[2]) == 0) then
-  -- the room is new, or its history was lost: a new epoch, offsets from 1 again
+if not ep or (off > 0 and redis.call('EXISTS', KEYS[2]) == 0) or (m[3] or '') ~= node then
+  -- the room is new, its history was lost, or another node wrote it last (a failover
+  -- may have lost its last offsets): a new epoch, offsets from 1 again
   ep = ARGV[3]
   off = 0
   redis.call('DEL', KEYS[2], KEYS[3])
@@ -74,7 +95,7 @@ elseif ARGV[8] ~= '' then
 end
 off = off + 1
 local ttl = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'epoch', ep, 'offset', off, 'size', size, 'ttl', ttl)
+redis.call('HSET', KEYS[1], 'epoch', ep, 'offset', off, 'size', size, 'ttl', ttl, 'node', node)
 local o = string.format('%d', off)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', size, '*', 'o', o, 'p', ARGV[7], 'b', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -92,20 +113,23 @@ if off % """
   redis.call('XTRIM', KEYS[2], 'MINID', '~', string.format('%d', now - ttl))
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - size)
 end
-redis.call('PUBLISH', ARGV[1], o .. ' ' .. ep .. ' ' .. ARGV[7] .. ' ' .. ARGV[2])
+local frame = o .. ' ' .. ep .. ' ' .. ARGV[7] .. ' ' .. ARGV[2]
+redis.call(cluster and 'SPUBLISH' or 'PUBLISH', ARGV[1], frame)
 return {off, ep}
 """
 )
 
-#: KEYS: meta, log, dedupe. ARGV: offset, epoch, candidate epoch, keep (ms).
+#: KEYS: meta, log, dedupe. ARGV: offset, epoch, candidate epoch, keep (ms), cluster.
 #: Returns {current offset, epoch, covered (0/1), body...} with the bodies after offset.
 ROOM_SINCE = (
     """
-local ep = redis.call('HGET', KEYS[1], 'epoch')
-if not ep then
+local node = ARGV[5] == '1' and redis.call('CLUSTER', 'MYID') or ''
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'node')
+local ep = m[1]
+if not ep or (m[2] or '') ~= node then
   ep = ARGV[3]
   redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'epoch', ep, 'offset', 0)
+  redis.call('HSET', KEYS[1], 'epoch', ep, 'offset', 0, 'node', node)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')

@@ -28,6 +28,7 @@ from backchannel_redis.testing import fresh_prefix
 from instances import (
     BOUND,
     Instance,
+    RedisCluster,
     RedisServer,
     RoundRobinProxy,
     http_status,
@@ -66,6 +67,15 @@ def redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def store(request: pytest.FixtureRequest) -> RedisServer | RedisCluster:
+    """Where the instances share their state: the module's private Redis, or its private
+    Redis Cluster (3 masters + 3 replicas; issue 15), running and ok."""
+    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+    found: RedisServer | RedisCluster = request.getfixturevalue(fixture)
+    return found
+
+
 @dataclass
 class Cluster:
     prefix: str
@@ -77,12 +87,16 @@ class Cluster:
 
 @asynccontextmanager
 async def cluster(
-    redis: RedisServer, workdir: Path, **sections: dict[str, Any]
+    redis: RedisServer | RedisCluster, workdir: Path, **sections: dict[str, Any]
 ) -> AsyncIterator[Cluster]:
     """Three instances on one fresh key prefix, ready; their logs are printed on failure.
-    ``sections``: config tables to add (``plugins__redis`` is ``[plugins.redis]``)."""
+    ``sections``: config tables to add (``plugins__redis`` is ``[plugins.redis]``); on a
+    Redis Cluster they run in cluster mode."""
     n = 3
     prefix = fresh_prefix()
+    if isinstance(redis, RedisCluster):
+        redis_table = {**sections.get("plugins__redis", {}), "cluster": True}
+        sections = {**sections, "plugins__redis": redis_table}
     config = instance_config(redis.url, prefix, **sections)
     instances = [Instance(f"instance{k}", workdir, config) for k in range(n)]
     try:
@@ -278,9 +292,10 @@ async def room_history(port: int, room: str, epoch: str) -> tuple[list[dict[str,
                     replayed.append(frame["content"])
 
 
-def stream_offsets(redis: RedisServer, prefix: str, room: str) -> list[int]:
+def stream_offsets(redis: RedisServer | RedisCluster, prefix: str, room: str) -> list[int]:
     """The offsets (``o`` fields) of the room's stream in Redis: the ground truth."""
-    entries = redis.call("XRANGE", f"{prefix}:r:{{{room}}}:l", "-", "+")
+    key = f"{prefix}:r:{{{room}}}:l"
+    entries = redis.call_for(key, "XRANGE", key, "-", "+")
     offsets = []
     for _, fields in entries:
         named = dict(zip(fields[::2], fields[1::2], strict=True))
@@ -289,7 +304,7 @@ def stream_offsets(redis: RedisServer, prefix: str, room: str) -> list[int]:
 
 
 async def read_history(
-    redis: RedisServer, prefix: str, port: int, epochs: dict[str, str]
+    redis: RedisServer | RedisCluster, prefix: str, port: int, epochs: dict[str, str]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Every room's history, read through a fresh ``join`` since offset 0, and what is
     wrong with it: not recovered, a hole, a disagreement with the room's stream in
@@ -437,13 +452,13 @@ def epochs_of(crowd: list[Member]) -> dict[str, str]:
 
 
 async def test_thirty_members_on_three_instances_see_every_message_once_in_order(
-    redis: RedisServer, tmp_path: Path
+    store: RedisServer | RedisCluster, tmp_path: Path
 ) -> None:
     """30 clients spread over 3 instances, all in 3 rooms, 4 messages each per room:
     every client sees each room's 120 messages once, offsets 1..120, nothing else."""
     per_room = 4
     async with (
-        cluster(redis, tmp_path, **PATIENT) as c,
+        cluster(store, tmp_path, **PATIENT) as c,
         RoundRobinProxy(c.ports()) as proxy,
         members(30, [proxy.url]) as crowd,
     ):
@@ -460,7 +475,7 @@ async def test_thirty_members_on_three_instances_see_every_message_once_in_order
         total = len(crowd) * per_room
         waited = await all_seen(crowd, dict.fromkeys(ROOMS, total), "a member missed messages")
         elapsed = time.monotonic() - started
-        history, problems = await read_history(redis, c.prefix, c.ports()[0], epochs_of(crowd))
+        history, problems = await read_history(store, c.prefix, c.ports()[0], epochs_of(crowd))
         problems += view_problems(crowd, history) + request_problems(crowd, history, set())
         problems += [m.name + ": " + m.story() for m in crowd if m.states[-1][1] != State.CONNECTED]
         delivered = sum(len(m.messages(r)) for m in crowd for r in ROOMS)
@@ -477,7 +492,7 @@ async def test_thirty_members_on_three_instances_see_every_message_once_in_order
 
 
 async def test_an_instance_killed_mid_conversation_loses_and_repeats_nothing(
-    redis: RedisServer, tmp_path: Path
+    store: RedisServer | RedisCluster, tmp_path: Path
 ) -> None:
     """SIGKILL one of 3 instances while 30 clients talk in 3 rooms: its 10 clients
     reconnect through the proxy to the others, resume (or re-join with ``since``), and
@@ -485,7 +500,7 @@ async def test_an_instance_killed_mid_conversation_loses_and_repeats_nothing(
     accepted and ran once: the history holds each sent text once, without holes."""
     per_room = 6
     async with (
-        cluster(redis, tmp_path, session={"ttl": 10}, **PATIENT) as c,
+        cluster(store, tmp_path, session={"ttl": 10}, **PATIENT) as c,
         RoundRobinProxy(c.ports()) as proxy,
         members(30, [proxy.url]) as crowd,
     ):
@@ -519,7 +534,7 @@ async def test_an_instance_killed_mid_conversation_loses_and_repeats_nothing(
             problems = [str(exc)]
         else:
             problems = []
-        history, found = await read_history(redis, c.prefix, live[1], epochs_of(crowd))
+        history, found = await read_history(store, c.prefix, live[1], epochs_of(crowd))
         problems += found + view_problems(crowd, history) + request_problems(crowd, history, set())
         if sum(final.values()) != total:
             problems.append(f"{total} messages sent and answered, {sum(final.values())} stored")
@@ -547,7 +562,7 @@ def crash_room(i: int) -> tuple[str, ...]:
 
 @pytest.mark.slow
 async def test_an_instance_killed_under_load_leaves_its_sessions_resumable_elsewhere(
-    redis: RedisServer, tmp_path: Path
+    store: RedisServer | RedisCluster, tmp_path: Path
 ) -> None:
     """Issue 13 item 2: 300 clients (100 per instance) chat in 30 rooms, each message
     answered and fanned out while others are in flight, and each pings the server in a
@@ -558,7 +573,7 @@ async def test_an_instance_killed_under_load_leaves_its_sessions_resumable_elsew
     stored; every member's view of its room is the room's history exactly."""
     pace = 1.0  # seconds between one member's messages: ~300 messages/s in all
     async with (
-        cluster(redis, tmp_path, session={"ttl": 30}, **PATIENT) as c,
+        cluster(store, tmp_path, session={"ttl": 30}, **PATIENT) as c,
         RoundRobinProxy(c.ports()) as proxy,
         members(CRASH_CLIENTS, [proxy.url], crash_room) as crowd,
     ):
@@ -618,7 +633,7 @@ async def test_an_instance_killed_under_load_leaves_its_sessions_resumable_elsew
             await all_seen(crowd, final, "a member's view never reached its room's end")
         except AssertionError as exc:
             problems.append(str(exc))
-        history, found = await read_history(redis, c.prefix, c.ports()[2], epochs)
+        history, found = await read_history(store, c.prefix, c.ports()[2], epochs)
         problems += found + view_problems(crowd, history) + request_problems(crowd, history, set())
         accepted = sum(len(m.accepted) for m in crowd)
         if sum(final.values()) != accepted:
