@@ -18,11 +18,13 @@ Topology: ``--instances`` ``backchannel serve`` processes (the venv's console sc
 run`` wrapper, on uvloop, plugins ``init, text, rooms, redis``) on one private ``redis-server``
 (or ``--redis-url``). ``--connections`` clients in ``--procs`` generator processes; client
 ``g`` is member ``g % room_size`` of room ``g // room_size`` and connects to instance
-``g % instances``, so every room spans every instance. Each client sends ``init {}`` and
-``join {room}``. Then: an idle window, a warm-up, and the measured window, in which every
-generator process publishes ``rate / procs`` messages per second, each from a random local
-member into its room (``text {text, room}``, ours lets members publish). Each message must reach
-each member of its room once (the publisher included).
+``g % instances``, so every room spans every instance. Each client sends ``init {}``, then
+``join {room}`` (either sent again 0.5 s after an ``overloaded`` answer, as clients do). Then:
+a window with no clients (the instances' own probes and leases), an idle window with all of
+them, a warm-up, and the measured window, in which every generator process publishes ``rate /
+procs`` messages per second, each from a random local member into its room (``text {text,
+room}``: ours lets members publish). Each message must reach each member of its room once (the
+publisher included).
 
     uv run --group bench python benchmarks/scale_model.py [--connections 20000]
         [--instances 3] [--room-size 100] [--rate 100] [--duration 20] [--redis-url URL]
@@ -66,7 +68,8 @@ from websockets.exceptions import ConnectionClosed
 BACKCHANNEL = Path(sys.executable).with_name("backchannel")  # no `uv run` in the process tree
 OURS = f"{BACKCHANNEL} serve --host 127.0.0.1 --port {{port}}"
 JOIN_BATCH = 100  # clients connecting and joining at once, per generator process
-READY_TIMEOUT = 600.0
+READY_TIMEOUT = 180.0  # seconds for one batch to be in its rooms
+RETRY_S = 0.5  # an `overloaded` init or join is sent again after this, as clients do
 
 
 @dataclass
@@ -102,6 +105,7 @@ class Tally:
     delivered: dict[str, int] = field(default_factory=dict)  # per phase
     published: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # (key, room)
     answered: int = 0
+    retries: int = 0  # init or join answered `overloaded` and sent again
     other: int = 0  # presence events and anything else that is not a delivery or an answer
     errors: list[str] = field(default_factory=list)
     n_errors: int = 0
@@ -130,10 +134,17 @@ async def _client(url: str, room: int, name: str, t: Tally, joined: Any) -> None
         open_timeout=120,
         max_size=None,
     )
+    init = b'{"id":"i","type":"init","content":{}}'
+    join = orjson.dumps({"id": "j", "type": "join", "content": {"room": f"r{room}"}})
+    retries: set[asyncio.Task[None]] = set()
+
+    async def again(frame: bytes) -> None:
+        await asyncio.sleep(RETRY_S)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(frame, text=True)
+
     try:
-        await ws.send(b'{"id":"i","type":"init","content":{}}', text=True)
-        join = {"id": "j", "type": "join", "content": {"room": f"r{room}"}}
-        await ws.send(orjson.dumps(join), text=True)
+        await ws.send(init, text=True)  # join once the session exists
         while True:
             raw = await ws.recv(decode=False)
             now = time.monotonic()
@@ -147,12 +158,19 @@ async def _client(url: str, room: int, name: str, t: Tally, joined: Any) -> None
                     t.other += 1
                     if error:
                         t.error(str(msg["content"]))
+            elif error and reply_to in ("i", "j") and msg["content"].get("code") == "overloaded":
+                t.retries += 1
+                task = asyncio.create_task(again(init if reply_to == "i" else join))
+                retries.add(task)
+                task.add_done_callback(retries.discard)
             elif error:
                 t.error(f"{reply_to}: {msg['content']}")
+            elif reply_to == "i":
+                await ws.send(join, text=True)
             elif reply_to == "j":
                 t.rooms.setdefault(room, []).append(ws)
                 joined(name)
-            elif reply_to != "i":
+            else:
                 t.answered += 1
     except ConnectionClosed:
         pass
@@ -212,6 +230,7 @@ async def _generator_main(
                     "published": t.published,
                     "latency_ms": {k: v.tobytes() for k, v in t.latency_ms.items()},
                     "answered": t.answered,
+                    "retries": t.retries,
                     "other": t.other,
                     "errors": t.errors,
                     "n_errors": t.n_errors,
@@ -391,7 +410,7 @@ def measure(load: Load) -> dict[str, Any]:
         reports = _ask(pipes, ("report",))
     finally:
         for w in workers:
-            w.join(10)
+            w.join(10 if sys.exc_info()[0] is None else 0)
             if w.is_alive():
                 w.kill()
         for srv in servers:
@@ -448,6 +467,7 @@ def measure(load: Load) -> dict[str, Any]:
         "joined": joined,
         "setup_failures": failures[:5],
         "setup_s": setup_s,
+        "setup_retries": sum(r["retries"] for r in reports),
         "memory": {
             "rss_before_kib": rss_before,
             "rss_idle_kib": rss_after,
