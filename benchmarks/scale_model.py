@@ -27,7 +27,7 @@ room}``: ours lets members publish). Each message must reach each member of its 
 publisher included).
 
     uv run --group bench python benchmarks/scale_model.py [--connections 20000]
-        [--instances 3] [--room-size 100] [--rate 100] [--duration 20] [--redis-url URL]
+        [--instances 3] [--room-size 100] [--rate 100] [--duration 40] [--redis-url URL]
         [--json OUT]
 
 Prints the JSON result, then the model: for ``--target-connections`` clients and
@@ -80,8 +80,11 @@ class Load:
     instances: int = 3
     room_size: int = 100
     rate: float = 100.0  # messages/s, all generator processes together
-    duration: float = 20.0  # seconds of the measured publish window
-    idle: float = 20.0  # seconds of the idle window (one heartbeat interval by default)
+    # Both windows span one session lease period (the redis plugin renews every session's
+    # lease every 40 s: 5 commands per session) and two heartbeat intervals (20 s): a shorter
+    # window would catch the renewal in one and miss it in the other.
+    duration: float = 40.0  # seconds of the measured publish window
+    idle: float = 40.0  # seconds of the idle window
     empty: float = 10.0  # seconds of the window before any client connects (instances' base)
     warmup: float = 3.0  # seconds of publishing before the measured window
     procs: int = 4  # generator processes
