@@ -36,7 +36,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 import coredis
 import orjson
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from coredis._utils import hash_slot
 from coredis.commands.script import Script
@@ -329,7 +329,8 @@ class RedisBroker:
         self._ready = False
         self._started = False
         self._stopping = False
-        self._client: Client | None = None
+        self._client: Client | None = None  # while open (see _keep_open)
+        self._unopened = "not started"  # why there is no open client
         self._stack: AsyncExitStack | None = None
         self._tasks: TaskGroup | None = None
         self._s: dict[str, Script[bytes]] = {}
@@ -445,7 +446,7 @@ class RedisBroker:
     @property
     def _redis(self) -> Client:
         if self._client is None:
-            raise _Unavailable("not started")
+            raise _Unavailable(self._unopened)
         return self._client
 
     async def _call(self, request: Awaitable[Any], *, write: bool = False) -> Any:
@@ -485,9 +486,9 @@ class RedisBroker:
                 # a lost connection is retried once; a timeout never (the script may have run)
                 retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
             )
-        self._client = await stack.enter_async_context(client)
         self._s = {name: client.register_script(getattr(scripts, name)) for name in scripts.__all__}
         self._tasks = await stack.enter_async_context(anyio.create_task_group())
+        await self._tasks.start(self._keep_open, client)
         try:
             with anyio.fail_after(self.timeout * 2):
                 await self._check()
@@ -505,6 +506,31 @@ class RedisBroker:
         if self._ready:  # from now on, messages told to this instance reach it (bounded)
             with anyio.move_on_after(self.timeout * 2):
                 await self._listening.wait()
+
+    async def _keep_open(
+        self, client: Client, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the client open until :meth:`stop` (which cancels this task). Opening a
+        cluster client reads the cluster's layout, so it fails while no node answers:
+        then try again with backoff, the broker not ready meanwhile (as for one Redis,
+        whose client connects on first use). Started after the first attempt."""
+        delay = self.reconnect_min_delay
+        started = False
+        while True:
+            try:
+                async with client:
+                    self._client = client
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await anyio.sleep_forever()
+            except Exception as exc:
+                self._unopened = _reason(exc)
+                if not started:
+                    started = True
+                    task_status.started()
+            await anyio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.reconnect_max_delay)
 
     async def stop(self) -> None:
         """Flush what is buffered (bounded), withdraw this instance's presence, disconnect."""
@@ -530,7 +556,7 @@ class RedisBroker:
         assert self._tasks is not None
         self._tasks.cancel_scope.cancel()
         stack, self._stack = self._stack, None
-        await stack.aclose()  # the task group, then the client (entered in start)
+        await stack.aclose()  # the task group (_keep_open closes the client)
         self._client = None
 
     async def flush(self) -> None:

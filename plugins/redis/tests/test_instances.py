@@ -657,7 +657,7 @@ async def chatter(member: Member, stop: anyio.Event, pace: float) -> None:
     """Room messages, one after another, until ``stop``; every one answered in time."""
     n = 0
     while not stop.is_set():
-        await member.say(ROOMS[n % len(ROOMS)], timeout=ANSWER_BOUND)
+        await member.say(member.rooms[n % len(member.rooms)], timeout=ANSWER_BOUND)
         n += 1
         await anyio.sleep(pace)
 
@@ -948,3 +948,120 @@ async def test_ten_thousand_connect_disconnect_cycles_leave_nothing_behind(
             assert after - before < rss_bound_kib, (instance.name, before, after)
         for instance in c.instances:
             assert instance.alive
+
+
+# ---------------------------------------------------------------- scenario 6
+
+#: the failover test's rooms: enough that some live on the failed master and some not
+FAILOVER_ROOMS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
+
+
+@pytest.mark.slow
+async def test_a_cluster_master_killed_mid_chat_no_silent_miss(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """Issue 15: 3 instances in cluster mode on a Redis Cluster (3 masters + 3
+    replicas), 15 clients chatting in 6 rooms; the master serving room ``alpha`` is
+    SIGKILLed and its replica promoted. Every instance's /readyz goes 503 while the
+    cluster cannot serve and 200 again after; every request is answered in time (a
+    reply or ``overloaded``); no client's view of a room has a hole, a repeat or an
+    epoch change it was not told of (a room on the failed master starts a new epoch:
+    the replica may lack its last messages); rooms on the other masters keep their
+    epoch and every member sees every accepted message of theirs once, in order; every
+    view ends with its room's whole history."""
+    cluster_ = redis_cluster
+    victim = cluster_.port_for_key("{alpha}")
+    failed_rooms = {r for r in FAILOVER_ROOMS if cluster_.port_for_key(f"{{{r}}}") == victim}
+    async with (
+        cluster(cluster_, tmp_path, session={"ttl": 30}) as c,
+        RoundRobinProxy(c.ports()) as proxy,
+        members(15, [proxy.url], lambda i: FAILOVER_ROOMS) as crowd,
+    ):
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for member in crowd:
+                tg.start_soon(chatter, member, stop, 0.2)
+            await wait_for(lambda: accepted_since(crowd, 0) >= 3, "nobody talks")
+            before = sum(len(m.accepted) for m in crowd)
+            old_epochs = {r: crowd[0].subs[r].epoch for r in FAILOVER_ROOMS}
+            killed_at = time.monotonic()
+            await anyio.to_thread.run_sync(cluster_.kill_master, victim)
+            not_ready = await readiness(c.instances, 503, killed_at)
+            promoted = killed_at + await anyio.to_thread.run_sync(cluster_.wait_failover, victim)
+            ready = await readiness(c.instances, 200, killed_at)
+            back = time.monotonic()
+            # the first message into a failed room after the failover starts its new
+            # epoch: wait for one in every room (and 3 from everyone)
+            await wait_for(
+                lambda: (
+                    accepted_since(crowd, back) >= 3
+                    and {r["room"] for m in crowd for t, r in m.accepted if t >= back}
+                    == set(FAILOVER_ROOMS)
+                ),
+                "not every room got a message after the failover",
+            )
+            stop.set()
+        final: dict[str, int] = {}
+        epochs: dict[str, str] = {}
+        problems: list[str] = []
+        for room in FAILOVER_ROOMS:
+            epochs[room] = str(crowd[0].subs[room].epoch)
+            _, answer = await room_history(c.ports()[0], room, epochs[room])
+            final[room] = answer["content"]["offset"]
+            if answer["content"]["epoch"] != epochs[room]:
+                problems.append(f"{room}: epoch changed again: {answer}")
+            changed = epochs[room] != old_epochs[room]
+            if changed != (room in failed_rooms):
+                problems.append(
+                    f"{room} (on the failed master: {room in failed_rooms}): epoch changed"
+                    f" {changed}"
+                )
+        try:
+            await all_seen(crowd, final, "a view never reached its room's end", epochs)
+        except AssertionError as exc:
+            problems.append(str(exc))
+            for member in crowd:
+                for room in FAILOVER_ROOMS:
+                    seen = [m for m in member.messages(room) if m["epoch"] == epochs[room]]
+                    if not seen or seen[-1]["offset"] < final[room]:
+                        assert member.client is not None
+                        problems.append(
+                            f"{member.name} {room}: {len(seen)} of {final[room]} seen in"
+                            f" {epochs[room]}; arrivals"
+                            f" {runs(member.client.arrivals.get(room, []))}; {member.story()}"
+                        )
+        refused = Counter(code for m in crowd for _, _, code in m.refused)
+        if set(refused) - {"overloaded"}:
+            problems.append(f"errors other than overloaded: {refused}")
+        for member in crowd:
+            problems += [f"{member.name}: {failure}" for failure in member.failures]
+            for room in FAILOVER_ROOMS:
+                if silent := silent_problems(member.seen[room]):
+                    problems.append(f"{member.name} {room}: unannounced {silent}")
+                now = [m["offset"] for m in member.messages(room) if m["epoch"] == epochs[room]]
+                if room in failed_rooms:  # the new epoch, from its first offset
+                    if now != list(range(1, final[room] + 1)):
+                        problems.append(f"{member.name} {room}: new epoch seen as {now}")
+                elif now[-final[room] :] != list(range(1, final[room] + 1)):
+                    problems.append(f"{member.name} {room}: history seen as {runs(now)}")
+            for _, reply in member.accepted:  # accepted in the final epoch: seen by all
+                if reply["epoch"] == epochs[reply["room"]]:
+                    problems += [
+                        f"{other.name} never saw accepted {reply}"
+                        for other in crowd
+                        if reply not in other.messages(reply["room"])
+                    ]
+        told = sum(1 for m in crowd for g in m.gaps() if g.reason == "epoch_changed")
+        latency = max(t for m in crowd for t in m.latencies)
+        print(
+            f"  [6] members 15 in {len(FAILOVER_ROOMS)} rooms ({len(failed_rooms)} on the"
+            f" killed master); accepted {before} before the SIGKILL,"
+            f" {sum(len(m.accepted) for m in crowd) - before} after; refused {dict(refused)};"
+            f" /readyz 503 after {fmt(not_ready)}s; replica promoted after"
+            f" {promoted - killed_at:.2f}s; /readyz 200 after {fmt(ready)}s from the SIGKILL;"
+            f" epoch changes announced {told}/{len(crowd) * len(failed_rooms)} views;"
+            f" accepted old-epoch messages some member never saw (announced)"
+            f" {_unseen_old(crowd, epochs)}; slowest answer {latency:.2f}s; problems"
+            f" {len(problems)}"
+        )
+        assert not problems, report(problems)
