@@ -487,8 +487,12 @@ class RedisBroker:
                 retry_policy=ConstantRetryPolicy((RedisConnectionError,), retries=1, delay=0),
             )
         self._s = {name: client.register_script(getattr(scripts, name)) for name in scripts.__all__}
+        # the client's own task group closes after the workers' (LIFO): they never see it
+        # closed under them
+        opener = await stack.enter_async_context(anyio.create_task_group())
+        await opener.start(self._keep_open, client)
+        stack.callback(opener.cancel_scope.cancel)
         self._tasks = await stack.enter_async_context(anyio.create_task_group())
-        await self._tasks.start(self._keep_open, client)
         try:
             with anyio.fail_after(self.timeout * 2):
                 await self._check()
@@ -556,7 +560,7 @@ class RedisBroker:
         assert self._tasks is not None
         self._tasks.cancel_scope.cancel()
         stack, self._stack = self._stack, None
-        await stack.aclose()  # the task group (_keep_open closes the client)
+        await stack.aclose()  # the workers' task group, then the client's (_keep_open)
         self._client = None
 
     async def flush(self) -> None:
@@ -1194,7 +1198,7 @@ class RedisBroker:
                             await self._on_event(rooms_sub, channels, kind, value)
             except Exception as exc:
                 if self._stopping:
-                    raise
+                    return
                 # One line per transition (lost, then restored), not one per attempt: an
                 # outage of a few seconds is otherwise ~20 lines (issue 11).
                 self._count("subscriber_reconnects")
