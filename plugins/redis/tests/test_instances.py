@@ -4,9 +4,12 @@ round-robin TCP proxy without sticky sessions, as behind a load balancer.
 
 Faults: an instance SIGKILLed mid-conversation, Redis restarted empty, Redis paused;
 and 10,000 connect/disconnect cycles that must leave no keys, channels or memory
-behind. Each test prints its figures (run with ``-s`` to see them). This module runs
-its own Redis (``redis-server`` from PATH; skipped without one, failed when ``CI`` is
-set), because it stops and pauses it; the shared Redis is never touched.
+behind. The scenarios without a Redis fault (1, 2, 2b) also run on a private Redis
+Cluster (3 masters + 3 replicas) with the instances in cluster mode, and scenario 6
+SIGKILLs a cluster master mid-chat (issue 15). Each test prints its figures (run with
+``-s`` to see them). This module runs its own Redis and cluster (``redis-server`` from
+PATH; skipped without one, failed when ``CI`` is set), because it stops, pauses and
+fails them; the shared Redis is never touched.
 """
 
 from __future__ import annotations
