@@ -1247,6 +1247,11 @@ class RedisBroker:
             if value not in self._rooms and channel in channels:
                 channels.discard(channel)
                 await pubsub.unsubscribe(channel)
+        elif value["type"] == "sunsubscribe" and _text(value["channel"]) in channels:
+            # not asked for: the room's slot moved to another node (resharding), which
+            # drops its sharded subscribers; subscribe everything again where it is now
+            self._count("shard_moved")
+            raise _Unavailable(f"Redis moved channel {_text(value['channel'])}")
         elif value["type"] in ("subscribe", "ssubscribe", "message"):
             channel = _text(value["channel"])
             rooms = self._room_channels

@@ -528,6 +528,29 @@ class RedisCluster:
                 return False
         return True
 
+    def node_id(self, port: int) -> str:
+        return str(self.call(port, "CLUSTER", "MYID").decode())
+
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Reshard: move ``slot`` with its keys to the master on ``to_port`` (the steps
+        of ``redis-cli --cluster reshard``: IMPORTING/MIGRATING, MIGRATE the keys, then
+        NODE on every master)."""
+        source = self.slot_owner(slot)
+        if source == to_port:
+            return
+        source_id, target_id = self.node_id(source), self.node_id(to_port)
+        self.call(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.call(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self.call(source, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self.call(source, "MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+        for port in self.masters():
+            self.call(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        deadline = time.monotonic() + BOUND
+        while self.slot_owner(slot) != to_port or not self._ok_everywhere():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slot {slot} not moved to {to_port} within {BOUND}s")
+            time.sleep(0.02)
+
     def ensure(self) -> None:
         """Every node running (a killed one started again) and the cluster ok."""
         for port in self.ports:
