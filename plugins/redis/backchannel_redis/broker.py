@@ -529,7 +529,7 @@ class RedisBroker:
                         task_status.started()
                     await anyio.sleep_forever()
             except Exception as exc:
-                self._unopened = _reason(exc)
+                self._client, self._unopened = None, _reason(exc)
                 if not started:
                     started = True
                     task_status.started()
