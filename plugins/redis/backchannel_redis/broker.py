@@ -34,13 +34,21 @@ from itertools import count
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 import coredis
 import orjson
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from coredis._utils import hash_slot
 from coredis.commands.script import Script
-from coredis.exceptions import ClusterDownError, ClusterError, ClusterRoutingError, TryAgainError
+from coredis.exceptions import (
+    ClusterDownError,
+    ClusterError,
+    ClusterRoutingError,
+    RedisClusterError,
+    ResponseError,
+    TryAgainError,
+)
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
@@ -492,6 +500,7 @@ class RedisBroker:
         opener = await stack.enter_async_context(anyio.create_task_group())
         await opener.start(self._keep_open, client)
         stack.callback(opener.cancel_scope.cancel)
+        stack.push_async_callback(self._settle)
         self._tasks = await stack.enter_async_context(anyio.create_task_group())
         try:
             with anyio.fail_after(self.timeout * 2):
@@ -535,6 +544,14 @@ class RedisBroker:
                     task_status.started()
             await anyio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.reconnect_max_delay)
+
+    @staticmethod
+    async def _settle() -> None:
+        """A few loop turns between the workers' end and the client's: coredis's sharded
+        pub/sub leaves its connections to garbage collection, and their finalizers must
+        run while the client is still open (else each logs a KeyError traceback)."""
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
 
     async def stop(self) -> None:
         """Flush what is buffered (bounded), withdraw this instance's presence, disconnect."""
@@ -733,45 +750,58 @@ class RedisBroker:
         ]
         calls: list[tuple[list[str], list[Any]]] = []
         for group in self._groups(runs):
-            keys: list[str] = []
-            args = list(head)
+            keys = [k for session_id in group for k in self._session_keys(session_id)]
+            args = [*head, len(keys), *keys]
             for session_id in group:
-                keys += self._session_keys(session_id)
                 args += (session_id, len(runs[session_id]))
                 for kind, values in runs[session_id]:
                     args += (_KINDS[kind], len(values), *values)
-            calls.append((keys, args))
+            calls.append((keys[:4], args))
         await self._run("SESSIONS", calls)
 
     def _groups(self, session_ids: Iterable[str]) -> list[list[str]]:
         """Sessions in groups that one call may write: up to ``_CALL_SESSIONS`` each, and
-        on a cluster only sessions of one slot (a script touches one slot)."""
+        on a cluster only sessions whose keys are on one node (a script runs on one)."""
         groups: list[list[str]] = []
-        filling: dict[int, list[str]] = {}
+        filling: dict[str, list[str]] = {}
         for session_id in session_ids:
-            slot = self._slot(session_id) if self.cluster else 0
-            group = filling.get(slot)
+            node = self._node_of(session_id)
+            group = filling.get(node)
             if group is None:
-                group = filling[slot] = []
+                group = filling[node] = []
                 groups.append(group)
             group.append(session_id)
             if len(group) >= _CALL_SESSIONS:
-                del filling[slot]
+                del filling[node]
         return groups
 
+    def _node_of(self, session_id: str) -> str:
+        """The node holding a session's keys, as this instance last read the layout
+        ("" on one Redis)."""
+        client = self._client
+        if not isinstance(client, coredis.RedisCluster):
+            return ""
+        try:
+            node = client.connection_pool.cluster_layout.node_for_slot(self._slot(session_id))
+        except RedisClusterError as exc:  # a slot no node serves now: the batch waits
+            raise ClusterError(str(exc)) from exc
+        return node.name
+
     async def _run(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> None:
-        """Run ``script`` once per (keys, args). On one Redis one call after another: a
-        pipeline of scripts costs coredis a SCRIPT EXISTS round trip first, and a batch is
-        mostly one call (each a Redis round trip: ~18 µs of Redis CPU here, as much as the
-        writes themselves). On a cluster, where a batch is a call per slot, in one
-        pipeline, which coredis sends as one round trip per node."""
-        if not self.cluster or len(calls) == 1:
-            for keys, args in calls:
+        """Run ``script`` once per (keys, args), one call after another: a batch is one
+        call per node (each a Redis round trip: ~18 µs of Redis CPU here, as much as the
+        writes themselves; a pipeline of scripts would cost coredis a SCRIPT EXISTS round
+        trip first). A call that meets a key its node no longer holds (the layout changed
+        since it was read) may have written part of its sessions: the layout is read
+        again and the caller sends the whole batch again (its writes are idempotent)."""
+        for keys, args in calls:
+            try:
                 await self._s[script](keys, args)
-            return
-        async with self._redis.pipeline(transaction=False, timeout=self.timeout) as pipe:
-            for keys, args in calls:
-                self._s[script](keys, args, client=pipe)
+            except ResponseError as exc:
+                if "non local key" not in str(exc):
+                    raise
+                await self._rediscover()
+                raise ClusterError(f"the cluster layout changed: {exc}") from exc
 
     async def _for_each(
         self, script: str, items: list[str], keys_of: Callable[[str], list[str]], args: list[Any]
@@ -784,11 +814,11 @@ class RedisBroker:
 
     async def _renew_leases(self) -> None:
         """Held sessions keep their keys while this instance lives (it may die holding them)."""
-        args: list[Any] = [self.instance, int(self.session_lease * 1000)]
-        calls = [
-            ([k for sid in group for k in self._session_keys(sid)], args)
-            for group in self._groups(list(self._attached))
-        ]
+        lease = int(self.session_lease * 1000)
+        calls = []
+        for group in self._groups(list(self._attached)):
+            keys = [k for session_id in group for k in self._session_keys(session_id)]
+            calls.append((keys[:4], [self.instance, lease, *keys]))
         await self._run("LEASE", calls)
 
     # -------------------------------------------------------------- sessions

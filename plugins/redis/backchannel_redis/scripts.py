@@ -1,8 +1,11 @@
 """The Lua scripts of the Redis broker: each is one round trip and atomic.
 
 Keys of one session share the hash tag ``{session id}`` and keys of one room
-share ``{room}`` (so does the room's channel), so on a Redis Cluster every call
-touches one slot: the broker groups ``SESSIONS`` and ``LEASE`` calls by slot there.
+share ``{room}`` (so does the room's channel), so on a Redis Cluster every script
+touches one slot, but ``SESSIONS`` and ``LEASE``: they write many sessions, declare the
+first one's keys (which route the call to its node) and take every session's keys as
+arguments, all of sessions on that node (the broker groups a batch by node; a script
+may use keys of other slots on its own node).
 Times come from Redis (``TIME``), never from an instance's clock, except a detached
 session's absolute expiry, which the instance computes (``PEXPIREAT``).
 
@@ -184,9 +187,11 @@ return out
 # instance), outbox (list of frames), answers (hash: request id -> "ms:seq:digest"),
 # order (list of request ids, oldest first).
 
-#: KEYS: (meta, outbox, answers, order) of each session. ARGV: max frames, max bytes,
-#: owner, max answers, lease (ms), control channel prefix; then per session its id, its
-#: number of runs and each run: kind, value count, values. Every session write the
+#: KEYS: (meta, outbox, answers, order) of the first session (they route the call to its
+#: node on a cluster). ARGV: max frames, max bytes, owner, max answers, lease (ms), control
+#: channel prefix, the number of keys and the keys (meta, outbox, answers, order) of every
+#: session, all on that node; then per session its id, its number of runs and each run:
+#: kind, value count, values. Every session write the
 #: flusher has queued, for up to 256 sessions, in one call (issue 13: a script call costs
 #: Redis ~10 µs whatever it does), each session's runs in the order queued. Kinds:
 #:
@@ -279,9 +284,11 @@ local function attach(meta, box, answers, order, seq, id)
   end
 end
 
-local a = 7
-for k = 1, #KEYS, 4 do
-  local meta, box, answers, order = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+local nkeys = tonumber(ARGV[7])
+local K = {unpack(ARGV, 8, 7 + nkeys)}
+local a = 8 + nkeys
+for k = 1, nkeys, 4 do
+  local meta, box, answers, order = K[k], K[k + 1], K[k + 2], K[k + 3]
   local id, runs = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
   local held = nil  -- whether this instance holds the session (nil: not read yet)
@@ -342,12 +349,13 @@ if index < 0 or index >= n then return false end
 return redis.call('LINDEX', KEYS[2], index)
 """
 
-#: KEYS: (meta, outbox, answers, order) of each session. ARGV: owner, lease (ms). Renew
+#: KEYS: (meta, outbox, answers, order) of the first session (routing, as ``SESSIONS``).
+#: ARGV: owner, lease (ms), then the four keys of every session, all on that node. Renew
 #: the lease of the sessions this instance holds (up to 256 in one call).
 LEASE = """
-for k = 1, #KEYS, 4 do
-  if redis.call('HGET', KEYS[k], 'o') == ARGV[1] then
-    for i = k, k + 3 do redis.call('PEXPIRE', KEYS[i], ARGV[2]) end
+for k = 3, #ARGV, 4 do
+  if redis.call('HGET', ARGV[k], 'o') == ARGV[1] then
+    for i = k, k + 3 do redis.call('PEXPIRE', ARGV[i], ARGV[2]) end
   end
 end
 return 1
