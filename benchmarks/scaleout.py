@@ -31,8 +31,10 @@ subscriber connects to the end of the latency phase (joins, warm-up and latency 
 
 Per phase: the CPU (utime + stime, /proc) of the three server process trees, each and summed,
 per delivered message; the receivers' CPU; a private ``redis-server``'s CPU when its pid is
-given; and the Redis commands run per published message (``INFO commandstats`` deltas, our own
-``INFO`` calls left out; commands that scripts run count too, as Redis counts them). Every
+given (run.py: from ``INFO cpu``, and for a Redis Cluster summed over its masters, each master
+and the replicas shown apart); and the Redis commands run per published message
+(``INFO commandstats`` deltas, our own ``INFO`` calls left out; commands that scripts run count
+too, as Redis counts them). Every
 subscriber must get every message (warm-up included) exactly once, in order: lost, duplicates
 and out-of-order arrivals are counted, as are error frames and closes.
 
@@ -107,12 +109,13 @@ class Scaleout:
     #: publisher joins them all); with more than one, room k is named ``<room>-<k>``
     rooms: int = 1
     store: str = "redis"  # "redis" (one server) or "cluster" (a Redis Cluster)
-    #: a cluster's masters (URL, pid): their INFO commandstats and CPU are summed, and
-    #: reported each; empty: the one Redis of ``redis`` / ``redis_pid``
+    #: the Redis nodes that serve (a cluster's masters, or the one Redis): their INFO
+    #: commandstats and their CPU from ``INFO cpu`` (getrusage, µs; /proc counts 10 ms ticks,
+    #: too coarse for one shard's share) are summed, and reported each; empty: ``redis``'s
+    #: commands and ``redis_pid``'s CPU from /proc
     redis_shards: list[str] = field(default_factory=list)
-    redis_shard_pids: list[int] = field(default_factory=list)
-    #: a cluster's replicas: their CPU (replication) is reported apart from the masters'
-    redis_replica_pids: list[int] = field(default_factory=list)
+    #: a cluster's replicas: their CPU (replication), apart from the masters'
+    redis_replicas: list[str] = field(default_factory=list)
 
     def room_name(self, k: int) -> str:
         return self.room if self.rooms == 1 else f"{self.room}-{k}"
@@ -143,6 +146,12 @@ def redis_info(url: str, section: str) -> dict[str, dict[str, str]]:
         name, value = line.split(":", 1)
         out[name] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv) or {"": value}
     return out
+
+
+def _cpu_us(url: str) -> float:
+    """The Redis's own CPU so far (``INFO cpu``: used_cpu_sys + used_cpu_user), in µs."""
+    cpu = redis_info(url, "cpu")
+    return (float(cpu["used_cpu_sys"][""]) + float(cpu["used_cpu_user"][""])) * 1e6
 
 
 def _calls(url: str) -> dict[str, int]:
@@ -481,12 +490,14 @@ class Meter:
     def __init__(self, sc: Scaleout, gen_pids: list[int]) -> None:
         self.sc = sc
         self.gen_pids = gen_pids
-        self.redis_pids = sc.redis_shard_pids or ([sc.redis_pid] if sc.redis_pid else [])
         self.redis_urls = sc.redis_shards or [sc.redis]
 
     def read(self) -> dict[str, Any]:
         sc = self.sc
-        each = [cpu_us([pid]) for pid in self.redis_pids]
+        if sc.redis_shards:
+            each = [_cpu_us(url) for url in sc.redis_shards]
+        else:
+            each = [cpu_us([sc.redis_pid])] if sc.redis_pid else []
         calls_each = [_calls(url) for url in self.redis_urls]
         calls: dict[str, int] = {}
         for shard in calls_each:
@@ -498,7 +509,11 @@ class Meter:
             "receivers": cpu_us(self.gen_pids),
             "redis": sum(each) if each else None,
             "redis_each": each,
-            "replicas": cpu_us(sc.redis_replica_pids) if sc.redis_replica_pids else None,
+            "replicas": sum(_cpu_us(url) for url in sc.redis_replicas)
+            if sc.redis_replicas
+            else None,
+            # the one Redis's CPU from /proc too, to compare with INFO cpu's
+            "redis_proc": cpu_us([sc.redis_pid]) if sc.redis_pid else None,
             "calls": calls,
             "calls_each": [sum(shard.values()) for shard in calls_each],
         }
@@ -513,6 +528,7 @@ def _delta(a: dict[str, Any], b: dict[str, Any], published: int, deliveries: int
     redis_each = [y - x for x, y in zip(a["redis_each"], b["redis_each"], strict=True)]
     calls_each = [y - x for x, y in zip(a["calls_each"], b["calls_each"], strict=True)]
     replicas_us = b["replicas"] - a["replicas"] if a["replicas"] is not None else None
+    proc_us = b["redis_proc"] - a["redis_proc"] if a["redis_proc"] is not None else None
     wall = b["t"] - a["t"]
     return {
         "wall_s": wall,
@@ -543,6 +559,9 @@ def _delta(a: dict[str, Any], b: dict[str, Any], published: int, deliveries: int
         else None,
         "redis_cpu_us_per_message_each": [v / published for v in redis_each] if published else [],
         "redis_calls_per_message_each": [v / published for v in calls_each] if published else [],
+        "redis_cpu_us_per_delivery_proc": proc_us / deliveries
+        if proc_us is not None and deliveries
+        else None,
         "redis_replicas_cpu_us_per_delivery": replicas_us / deliveries
         if replicas_us is not None and deliveries
         else None,
@@ -760,8 +779,7 @@ def _start_cluster() -> tuple[Any, dict[str, Any]]:
         raise
     return cluster, {
         "redis_shards": [f"redis://127.0.0.1:{p}" for p in masters],
-        "redis_shard_pids": [cluster.processes[p].pid for p in masters],
-        "redis_replica_pids": [cluster.processes[p].pid for p in replicas],
+        "redis_replicas": [f"redis://127.0.0.1:{p}" for p in replicas],
         "ports": {"masters": masters, "replicas": replicas},
     }
 
@@ -857,9 +875,9 @@ def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> N
                     label=system if store == "redis" else f"{system}@{store}",
                     rooms=rooms,
                     store=store,
-                    redis_shards=layout.get("redis_shards", []),
-                    redis_shard_pids=layout.get("redis_shard_pids", []),
-                    redis_replica_pids=layout.get("redis_replica_pids", []),
+                    # one Redis: its CPU from INFO cpu as well (as a cluster's nodes')
+                    redis_shards=layout.get("redis_shards", [redis_url] if redis_srv else []),
+                    redis_replicas=layout.get("redis_replicas", []),
                 )
                 row = run_scaleout(sc) | {"server": system, "rep": rep, "redis_url": redis_url}
                 if cluster is not None:
