@@ -772,8 +772,21 @@ def _start_cluster() -> tuple[Any, dict[str, Any]]:
     cluster = RedisCluster(binary, Path(tempfile.mkdtemp(prefix="bench-cluster-")))
     try:
         cluster.start()
-        masters = cluster.masters()
-        replicas = [p for m in masters for p in cluster.replica_of(m)]
+        # Until every node shows 3 masters with slots and 3 replicas. Not cluster.masters():
+        # it raises IndexError while a node still lists a master without slots (a replica
+        # not yet attached), its sort key reading slots before its filter drops those.
+        deadline = time.monotonic() + 30
+        while True:
+            nodes = cluster.nodes()
+            serving = [n for n in nodes if "master" in n["flags"] and n["slots"]]
+            masters = [n["port"] for n in sorted(serving, key=lambda n: n["slots"][0][0])]
+            ids = {n["id"] for n in serving}
+            replicas = [n["port"] for n in nodes if n["master"] in ids]
+            if len(masters) == 3 and len(replicas) == 3:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster layout not settled: {nodes}")
+            time.sleep(0.05)
     except BaseException:
         cluster.stop()
         raise
