@@ -789,6 +789,7 @@ def _start_cluster() -> tuple[Any, dict[str, Any]]:
             time.sleep(0.05)
     except BaseException:
         cluster.stop()
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
         raise
     return cluster, {
         "redis_shards": [f"redis://127.0.0.1:{p}" for p in masters],
