@@ -583,6 +583,18 @@ def main() -> None:
         help="which of socketio, wsredis, ours to run",
     )
     parser.add_argument(
+        "--scaleout-stores",
+        default="redis",
+        help="which of redis (one private redis-server), cluster (a private Redis Cluster, "
+        "3 masters + 3 replicas; ours only) each system runs on",
+    )
+    parser.add_argument(
+        "--scaleout-rooms",
+        type=int,
+        default=1,
+        help="rooms the subscribers are spread over (publishes round-robin over them)",
+    )
+    parser.add_argument(
         "--peer-server",
         default="aiohttp",
         choices=["uvicorn", "aiohttp"],

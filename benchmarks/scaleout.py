@@ -31,8 +31,10 @@ subscriber connects to the end of the latency phase (joins, warm-up and latency 
 
 Per phase: the CPU (utime + stime, /proc) of the three server process trees, each and summed,
 per delivered message; the receivers' CPU; a private ``redis-server``'s CPU when its pid is
-given; and the Redis commands run per published message (``INFO commandstats`` deltas, our own
-``INFO`` calls left out; commands that scripts run count too, as Redis counts them). Every
+given (run.py: from ``INFO cpu``, and for a Redis Cluster summed over its masters, each master
+and the replicas shown apart); and the Redis commands run per published message
+(``INFO commandstats`` deltas, our own ``INFO`` calls left out; commands that scripts run count
+too, as Redis counts them). Every
 subscriber must get every message (warm-up included) exactly once, in order: lost, duplicates
 and out-of-order arrivals are counted, as are error frames and closes.
 
@@ -51,9 +53,11 @@ import asyncio
 import contextlib
 import json
 import multiprocessing as mp
+import shutil
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -61,6 +65,7 @@ from array import array
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,6 +105,28 @@ class Scaleout:
     drain: float = 30.0  # seconds to wait for missing deliveries after a phase
     room: str = "bench"
     label: str = ""
+    #: subscriber i joins room ``i % rooms``, message n goes to room ``n % rooms`` (the
+    #: publisher joins them all); with more than one, room k is named ``<room>-<k>``
+    rooms: int = 1
+    store: str = "redis"  # "redis" (one server) or "cluster" (a Redis Cluster)
+    #: the Redis nodes that serve (a cluster's masters, or the one Redis): their INFO
+    #: commandstats and their CPU from ``INFO cpu`` (getrusage, µs; /proc counts 10 ms ticks,
+    #: too coarse for one shard's share) are summed, and reported each; empty: ``redis``'s
+    #: commands and ``redis_pid``'s CPU from /proc
+    redis_shards: list[str] = field(default_factory=list)
+    #: a cluster's replicas: their CPU (replication), apart from the masters'
+    redis_replicas: list[str] = field(default_factory=list)
+
+    def room_name(self, k: int) -> str:
+        return self.room if self.rooms == 1 else f"{self.room}-{k}"
+
+
+def expected(members: int, rooms: int, lo: int, hi: int) -> int:
+    """Deliveries of messages ``lo..hi-1`` to ``members`` subscribers spread over ``rooms``."""
+    return sum(
+        len(range(r, members, rooms)) * len(range(lo + (r - lo) % rooms, hi, rooms))
+        for r in range(rooms)
+    )
 
 
 def redis_info(url: str, section: str) -> dict[str, dict[str, str]]:
@@ -119,6 +146,12 @@ def redis_info(url: str, section: str) -> dict[str, dict[str, str]]:
         name, value = line.split(":", 1)
         out[name] = dict(kv.split("=", 1) for kv in value.split(",") if "=" in kv) or {"": value}
     return out
+
+
+def _cpu_us(url: str) -> float:
+    """The Redis's own CPU so far (``INFO cpu``: used_cpu_sys + used_cpu_user), in µs."""
+    cpu = redis_info(url, "cpu")
+    return (float(cpu["used_cpu_sys"][""]) + float(cpu["used_cpu_user"][""])) * 1e6
 
 
 def _calls(url: str) -> dict[str, int]:
@@ -141,6 +174,8 @@ class Receiver:
 
     total: int  # messages that will be published (warm-up + latency + throughput)
     flood_from: int  # the first message of the throughput phase
+    rooms: list[str] = field(default_factory=list)  # message n goes to rooms[n % len(rooms)]
+    room_of: array[int] = field(default_factory=lambda: array("i"))  # per subscriber
     seen: list[bytearray] = field(default_factory=list)  # per subscriber: message i arrived
     last: array[int] = field(default_factory=lambda: array("i"))  # per subscriber: highest i
     unique: int = 0  # first arrivals of a message at a subscriber
@@ -157,10 +192,22 @@ class Receiver:
     target: int = 0
     reached: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def slot(self) -> int:
+    def slot(self, room: str) -> int:
         self.seen.append(bytearray(self.total))
         self.last.append(-1)
+        self.room_of.append(self.rooms.index(room))
         return len(self.seen) - 1
+
+    def lost(self, rooms_of_all: list[int]) -> int:
+        """Messages of its room a subscriber never got (all of them for one never joined)."""
+        n = len(self.rooms)
+        due = sum(len(range(r, self.total, n)) for r in rooms_of_all)
+        got = sum(
+            self.seen[slot][i]
+            for slot, r in enumerate(self.room_of)
+            for i in range(r, self.total, n)
+        )
+        return due - got
 
     def deliver(self, slot: int, text: str, now: float) -> None:
         i, sent = text.split(" ", 1)
@@ -200,7 +247,7 @@ async def _ours(url: str, room: str, name: str, rx: Receiver, joined: Joined) ->
         open_timeout=60,
         max_size=None,
     )
-    slot = rx.slot()
+    slot = rx.slot(room)
     try:
         await ws.send(b'{"id":"i","type":"init","content":{}}', text=True)
         join = {"id": "j", "type": "join", "content": {"room": room}}
@@ -234,7 +281,7 @@ async def _socketio(url: str, room: str, name: str, rx: Receiver, joined: Joined
     ws = await connect(
         f"{url}{EIO_PATH}", compression=None, ping_interval=None, open_timeout=60, max_size=None
     )
-    slot = rx.slot()
+    slot = rx.slot(room)
     try:
         while True:
             raw = await ws.recv(decode=False)
@@ -274,13 +321,15 @@ SUBSCRIBE: dict[str, Callable[[str, str, str, Receiver, Joined], Coroutine[Any, 
 
 async def _receiver_main(sc: Scaleout, url: str, names: list[str], pipe: Connection) -> None:
     """Connect and join all subscribers, then follow the parent's commands (wait/report)."""
-    rx = Receiver(sc.warmup + sc.messages + sc.tput_messages, sc.warmup + sc.messages)
+    rooms = [sc.room_name(k) for k in range(sc.rooms)]
+    rx = Receiver(sc.warmup + sc.messages + sc.tput_messages, sc.warmup + sc.messages, rooms)
+    room_of = {name: i % sc.rooms for i, name in enumerate(names)}
     loop = asyncio.get_running_loop()
     subscribe = SUBSCRIBE[sc.system]
     began = time.monotonic()
     tasks, failures = await join_all(
         names,
-        lambda name, joined: subscribe(url, sc.room, name, rx, joined),
+        lambda name, joined: subscribe(url, rooms[room_of[name]], name, rx, joined),
         JOIN_BATCH,
         READY_TIMEOUT,
     )
@@ -295,7 +344,7 @@ async def _receiver_main(sc: Scaleout, url: str, names: list[str], pipe: Connect
                     await asyncio.wait_for(rx.reached.wait(), timeout)
             pipe.send(("reached", rx.unique, time.monotonic()))
         elif cmd[0] == "report":
-            lost = sum(len(s) - sum(s) for s in rx.seen) + rx.total * (len(names) - len(rx.seen))
+            lost = rx.lost(list(room_of.values()))
             pipe.send(
                 {
                     "subscribers": len(names),
@@ -340,14 +389,17 @@ class Publisher:
         self.window = asyncio.Semaphore(sc.window)
         self.windowed: set[int] = set()
         self.pongs = 0
+        self.joins = 0
         self.reader = asyncio.create_task(self._read())
 
     async def start(self) -> None:
-        """Ours: init and join (members publish); Socket.IO: connect the namespace."""
+        """Ours: init and join every room (members publish); Socket.IO: connect the
+        namespace."""
         if self.sc.system in BACKCHANNEL:
             await self.ws.send(b'{"id":"pi","type":"init","content":{}}', text=True)
-            join = {"id": "pj", "type": "join", "content": {"room": self.sc.room}}
-            await self.ws.send(orjson.dumps(join), text=True)
+            for k in range(self.sc.rooms):
+                join = {"id": f"pj{k}", "type": "join", "content": {"room": self.sc.room_name(k)}}
+                await self.ws.send(orjson.dumps(join), text=True)
         await asyncio.wait_for(self.ready.wait(), 60)
 
     def _answer(self, n: int, error: str | None) -> None:
@@ -366,10 +418,12 @@ class Publisher:
                     msg = orjson.loads(raw)
                     reply_to = msg.get("replyTo")
                     error = str(msg["content"]) if msg.get("type") == "error" else None
-                    if reply_to == "pj":
+                    if isinstance(reply_to, str) and reply_to.startswith("pj"):
                         if error:
                             self.errors.append(f"join: {error}")
-                        self.ready.set()
+                        self.joins += 1
+                        if self.joins == self.sc.rooms:
+                            self.ready.set()
                     elif isinstance(reply_to, str) and reply_to.startswith("p-"):
                         self._answer(int(reply_to[2:]), error)
                     elif error and len(self.errors) < 5:
@@ -399,15 +453,12 @@ class Publisher:
         now = time.monotonic()
         text = f"{n} {now:.6f}"
         self.sent[n] = now
+        room = self.sc.room_name(n % self.sc.rooms)
         if self.sc.system in BACKCHANNEL:
-            request = {
-                "id": f"p-{n}",
-                "type": "text",
-                "content": {"text": text, "room": self.sc.room},
-            }
+            request = {"id": f"p-{n}", "type": "text", "content": {"text": text, "room": room}}
             await self.ws.send(orjson.dumps(request), text=True)
         else:
-            event = ["pub", {"room": self.sc.room, "text": text}]
+            event = ["pub", {"room": room, "text": text}]
             await self.ws.send(f"42{n}".encode() + orjson.dumps(event), text=True)
 
     async def paced(self, first: int, count: int, rate: float) -> float:
@@ -433,20 +484,38 @@ class Publisher:
 
 
 class Meter:
-    """CPU of the servers (each), the receiver processes and Redis; Redis command calls."""
+    """CPU of the servers (each), the receiver processes and Redis (each master, the
+    replicas); Redis command calls (each master)."""
 
     def __init__(self, sc: Scaleout, gen_pids: list[int]) -> None:
         self.sc = sc
         self.gen_pids = gen_pids
+        self.redis_urls = sc.redis_shards or [sc.redis]
 
     def read(self) -> dict[str, Any]:
         sc = self.sc
+        if sc.redis_shards:
+            each = [_cpu_us(url) for url in sc.redis_shards]
+        else:
+            each = [cpu_us([sc.redis_pid])] if sc.redis_pid else []
+        calls_each = [_calls(url) for url in self.redis_urls]
+        calls: dict[str, int] = {}
+        for shard in calls_each:
+            for k, v in shard.items():
+                calls[k] = calls.get(k, 0) + v
         return {
             "t": time.monotonic(),
             "servers": [cpu_us(process_tree(pid)) for pid in sc.server_pids],
             "receivers": cpu_us(self.gen_pids),
-            "redis": cpu_us([sc.redis_pid]) if sc.redis_pid else None,
-            "calls": _calls(sc.redis),
+            "redis": sum(each) if each else None,
+            "redis_each": each,
+            "replicas": sum(_cpu_us(url) for url in sc.redis_replicas)
+            if sc.redis_replicas
+            else None,
+            # the one Redis's CPU from /proc too, to compare with INFO cpu's
+            "redis_proc": cpu_us([sc.redis_pid]) if sc.redis_pid else None,
+            "calls": calls,
+            "calls_each": [sum(shard.values()) for shard in calls_each],
         }
 
 
@@ -456,6 +525,10 @@ def _delta(a: dict[str, Any], b: dict[str, Any], published: int, deliveries: int
     calls = {k: v - a["calls"].get(k, 0) for k, v in b["calls"].items()}
     calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
     redis_us = b["redis"] - a["redis"] if a["redis"] is not None else None
+    redis_each = [y - x for x, y in zip(a["redis_each"], b["redis_each"], strict=True)]
+    calls_each = [y - x for x, y in zip(a["calls_each"], b["calls_each"], strict=True)]
+    replicas_us = b["replicas"] - a["replicas"] if a["replicas"] is not None else None
+    proc_us = b["redis_proc"] - a["redis_proc"] if a["redis_proc"] is not None else None
     wall = b["t"] - a["t"]
     return {
         "wall_s": wall,
@@ -480,6 +553,21 @@ def _delta(a: dict[str, Any], b: dict[str, Any], published: int, deliveries: int
         if published
         else {},
         "redis_calls_per_message_total": sum(calls.values()) / published if published else None,
+        # per master of a cluster (one entry for one Redis): how the load divides
+        "redis_cpu_us_per_message": redis_us / published
+        if redis_us is not None and published
+        else None,
+        "redis_cpu_us_per_message_each": [v / published for v in redis_each] if published else [],
+        "redis_calls_per_message_each": [v / published for v in calls_each] if published else [],
+        "redis_cpu_us_per_delivery_proc": proc_us / deliveries
+        if proc_us is not None and deliveries
+        else None,
+        "redis_replicas_cpu_us_per_delivery": replicas_us / deliveries
+        if replicas_us is not None and deliveries
+        else None,
+        "redis_replicas_cpu_us_per_message": replicas_us / published
+        if replicas_us is not None and published
+        else None,
     }
 
 
@@ -528,7 +616,7 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
     async def wait_all(upto: int, timeout: float) -> float:
         """Until every subscriber had messages 0..upto-1; the time the last one arrived."""
         for pipe, n in zip(pipes, split, strict=True):
-            pipe.send(("wait", n * upto, timeout))
+            pipe.send(("wait", expected(n, sc.rooms, 0, upto), timeout))
         reached = [await asyncio.to_thread(pipe.recv) for pipe in pipes]
         return float(max(r[2] for r in reached))
 
@@ -577,7 +665,7 @@ async def _run(sc: Scaleout) -> dict[str, Any]:
         last_sorted = sorted(last_of.values())
         return {
             "deliveries": len(lat),
-            "expected": joined * (hi - lo),
+            "expected": sum(expected(n, sc.rooms, lo, hi) for n in split),
             "delivery_p50_ms": percentile(lat, 0.50) if lat else None,
             "delivery_p99_ms": percentile(lat, 0.99) if lat else None,
             "delivery_max_ms": lat[-1] if lat else None,
@@ -670,21 +758,82 @@ def _wait_ready(port: int, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> None:
-    """``--scaleout-reps`` pairs of runs (peer/ours alternating), each on fresh servers.
+STORES = ("redis", "cluster")
 
-    Each system gets its own fresh ``redis-server`` on a free port (unless
-    ``--scaleout-redis`` names one): the commands counted and the CPU measured are then that
-    system's alone, and 1,000 outboxes do not land in the Redis others test against.
+
+def _start_cluster() -> tuple[Any, dict[str, Any]]:
+    """A private Redis Cluster (the plugin's test harness: 3 masters + 3 replicas) and its
+    layout: masters' URLs and pids, replicas' pids."""
+    from backchannel_redis.testing import RedisCluster  # the workspace's redis plugin
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--scaleout-stores cluster needs redis-server on PATH")
+    cluster = RedisCluster(binary, Path(tempfile.mkdtemp(prefix="bench-cluster-")))
+    try:
+        cluster.start()
+        # Until every node shows 3 masters with slots and 3 replicas. Not cluster.masters():
+        # it raises IndexError while a node still lists a master without slots (a replica
+        # not yet attached), its sort key reading slots before its filter drops those.
+        deadline = time.monotonic() + 30
+        while True:
+            nodes = cluster.nodes()
+            serving = [n for n in nodes if "master" in n["flags"] and n["slots"]]
+            masters = [n["port"] for n in sorted(serving, key=lambda n: n["slots"][0][0])]
+            ids = {n["id"] for n in serving}
+            replicas = [n["port"] for n in nodes if n["master"] in ids]
+            if len(masters) == 3 and len(replicas) == 3:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster layout not settled: {nodes}")
+            time.sleep(0.05)
+    except BaseException:
+        cluster.stop()
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
+        raise
+    return cluster, {
+        "redis_shards": [f"redis://127.0.0.1:{p}" for p in masters],
+        "redis_replicas": [f"redis://127.0.0.1:{p}" for p in replicas],
+        "ports": {"masters": masters, "replicas": replicas},
+    }
+
+
+def _rooms_per_shard(cluster: Any, masters: list[int], rooms: list[str]) -> list[list[str]]:
+    """Which master serves each room (its keys and its channel carry the room's hash tag)."""
+    out: list[list[str]] = [[] for _ in masters]
+    for room in rooms:
+        slot = int(cluster.call(masters[0], "CLUSTER", "KEYSLOT", room))
+        out[masters.index(cluster.slot_owner(slot))].append(room)
+    return out
+
+
+def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> None:
+    """``--scaleout-reps`` rounds of runs (systems x stores, order reversed every other
+    round), each on fresh servers.
+
+    Each run gets its own fresh ``redis-server`` on a free port (unless ``--scaleout-redis``
+    names one), or for the store ``cluster`` its own private Redis Cluster (ours only): the
+    commands counted and the CPU measured are then that run's alone, and 1,000 outboxes do not
+    land in the Redis others test against.
     """
     rows: list[dict[str, Any]] = results.setdefault("scaleout", [])
     quick = args.quick
     order = [s for s in (*PEERS, "ours") if s in args.scaleout_systems.split(",")]
+    stores = [s for s in STORES if s in getattr(args, "scaleout_stores", "redis").split(",")]
+    runs = [(system, store) for system in order for store in stores]
+    runs = [(sy, st) for sy, st in runs if st == "redis" or sy == "ours"]  # peers: one Redis
+    if "cluster" in stores and args.scaleout_redis:
+        raise SystemExit("--scaleout-stores cluster starts its own cluster: no --scaleout-redis")
+    rooms = getattr(args, "scaleout_rooms", 1)
     for rep in range(1 if quick else args.scaleout_reps):
-        for system in order if rep % 2 == 0 else order[::-1]:
-            redis_srv = None
+        for system, store in runs if rep % 2 == 0 else runs[::-1]:
+            redis_srv = cluster = None
+            layout: dict[str, Any] = {}
             redis_url = args.scaleout_redis
-            if not redis_url:
+            if store == "cluster":
+                cluster, layout = _start_cluster()
+                redis_url = cluster.url
+            elif not redis_url:
                 redis_srv = make("scaleout-redis", REDIS_SERVER, "asyncio", {})
                 redis_srv.start()
                 redis_url = f"redis://127.0.0.1:{redis_srv.port}/0"
@@ -699,6 +848,8 @@ def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> N
                             "BACKCHANNEL_PLUGINS__REDIS__URL": redis_url,
                             "BACKCHANNEL_PLUGINS__REDIS__KEY_PREFIX": f"bench-scaleout-{tag}",
                         }
+                        if store == "cluster":
+                            env["BACKCHANNEL_PLUGINS__REDIS__CLUSTER"] = "true"
                         srv = make(f"ours-scaleout-{k}", args.ours, "uvloop", env)
                     elif system == "wsredis":
                         env = {}
@@ -735,22 +886,37 @@ def run_phase(args: Any, results: dict[str, Any], make: Callable[..., Any]) -> N
                     rate=args.scaleout_rate,
                     tput_messages=100 if quick else args.scaleout_tput,
                     window=args.scaleout_window,
-                    label=system,
+                    label=system if store == "redis" else f"{system}@{store}",
+                    rooms=rooms,
+                    store=store,
+                    # one Redis: its CPU from INFO cpu as well (as a cluster's nodes')
+                    redis_shards=layout.get("redis_shards", [redis_url] if redis_srv else []),
+                    redis_replicas=layout.get("redis_replicas", []),
                 )
                 row = run_scaleout(sc) | {"server": system, "rep": rep, "redis_url": redis_url}
+                if cluster is not None:
+                    masters = layout["ports"]["masters"]
+                    names = [sc.room_name(k) for k in range(rooms)]
+                    row["cluster"] = layout["ports"] | {
+                        "rooms_per_master": _rooms_per_shard(cluster, masters, names)
+                    }
             finally:
                 for srv in servers:
                     srv.stop()
                 if redis_srv is not None:
                     redis_srv.stop()
+                if cluster is not None:
+                    cluster.stop()
+                    shutil.rmtree(cluster.workdir, ignore_errors=True)
             for srv in servers:
                 results["servers"][srv.name]["listening"] = srv.listening()
             rows.append(row)
             lp, tp = row["latency"], row["throughput"]
             _log(
-                f"scaleout {system} rep {rep}: p99 {lp['delivery_p99_ms']} ms, last-subscriber "
-                f"p99 {lp['last_subscriber_p99_ms']} ms, {lp['server_cpu_us_per_delivery']} "
-                f"server CPU-µs/delivery; throughput {tp['delivered_msgs_per_s']} deliveries/s; "
+                f"scaleout {sc.label} rep {rep}, {rooms} room(s): p99 {lp['delivery_p99_ms']} "
+                f"ms, last-subscriber p99 {lp['last_subscriber_p99_ms']} ms, "
+                f"{lp['server_cpu_us_per_delivery']} server + {lp['redis_cpu_us_per_delivery']} "
+                f"Redis CPU-µs/delivery; throughput {tp['delivered_msgs_per_s']} deliveries/s; "
                 f"lost {row['lost']}, closes {row['closes']}, errors {row['client_errors'][:2]}"
             )
 
@@ -767,6 +933,12 @@ def _calls_text(per_message: dict[str, float], top: int = 6) -> str:
     items = list(per_message.items())[:top]
     text = ", ".join(f"{k} {v:,.1f}" for k, v in items)
     return text + (", …" if len(per_message) > top else "")
+
+
+def _name(row: dict[str, Any]) -> str:
+    """The system, and its store unless one Redis: ``ours``, ``ours@cluster``."""
+    store = row.get("store", "redis")
+    return str(row["server"]) if store == "redis" else f"{row['server']}@{store}"
 
 
 def fmt_tables(results: dict[str, Any]) -> str:
@@ -799,7 +971,7 @@ def fmt_tables(results: dict[str, Any]) -> str:
         ],
         [
             [
-                r["server"],
+                _name(r),
                 str(r["rep"]),
                 f"{r['subscribers_joined']:,}",
                 f"{r['messages']} @ {r['rate']:g}/s",
@@ -839,7 +1011,7 @@ def fmt_tables(results: dict[str, Any]) -> str:
         ],
         [
             [
-                r["server"],
+                _name(r),
                 str(r["rep"]),
                 f"{r['tput_messages']} ({r['window']})",
                 _f(tp["delivered_msgs_per_s"], ",.0f"),
@@ -876,7 +1048,7 @@ def fmt_tables(results: dict[str, Any]) -> str:
         ],
         [
             [
-                r["server"],
+                _name(r),
                 str(r["rep"]),
                 f"{r['published']:,} x {r['subscribers_joined']:,}",
                 f"{r['lost']:,}",
@@ -890,13 +1062,66 @@ def fmt_tables(results: dict[str, Any]) -> str:
             for r in rows
         ],
     )
-    lines.append("")
-    peers = [p for p in PEERS if any(r["server"] == p for r in rows)]
-    header = ["figure (median of the runs)", "ours"]
-    for peer in peers:
-        header += [peer, f"ours / {peer}"]
-    lines += md(header, summary(rows, peers))
+    peers = [p for p in PEERS if any(_name(r) == p for r in rows)]
+    if peers or all(r.get("store", "redis") == "redis" for r in rows):
+        lines.append("")
+        header = ["figure (median of the runs)", "ours"]
+        for peer in peers:
+            header += [peer, f"ours / {peer}"]
+        lines += md(header, summary(rows, peers))
+    stores = [_name(r) for r in rows if r["server"] == "ours" and r.get("store") == "cluster"]
+    if stores and any(_name(r) == "ours" for r in rows):
+        other = stores[0]
+        lines.append("")
+        header = ["figure (median of the runs)", other, "ours", f"{other} / ours"]
+        lines += md(header, summary(rows, ["ours"], base=other, redis_ratios=True))
+    sharded = [r for r in rows if len(r["latency"].get("redis_cpu_us_per_message_each", [])) > 1]
+    if sharded:
+        lines.append("")
+        lines += md(
+            [
+                "server",
+                "rep",
+                "rooms per master",
+                "latency: Redis CPU-µs/message, masters (each)",
+                "latency: replicas CPU-µs/message",
+                "latency: commands/message (each master)",
+                "throughput: Redis CPU-µs/message, masters (each)",
+                "throughput: replicas CPU-µs/message",
+                "joins + latency: Redis CPU-µs/message, masters (each)",
+                "joins + latency: replicas CPU-µs/message",
+            ],
+            [
+                [
+                    _name(r),
+                    str(r["rep"]),
+                    " / ".join(
+                        str(len(x)) for x in r.get("cluster", {}).get("rooms_per_master", [])
+                    )
+                    or "—",
+                    _each(r["latency"], "redis_cpu_us_per_message", ".0f"),
+                    _f(r["latency"].get("redis_replicas_cpu_us_per_message"), ".0f"),
+                    _each(r["latency"], "redis_calls_per_message", ".1f"),
+                    _each(r["throughput"], "redis_cpu_us_per_message", ".0f"),
+                    _f(r["throughput"].get("redis_replicas_cpu_us_per_message"), ".0f"),
+                    _each(r["with_joins"], "redis_cpu_us_per_message", ".0f"),
+                    _f(r["with_joins"].get("redis_replicas_cpu_us_per_message"), ".0f"),
+                ]
+                for r in rows
+                if r in sharded or r["server"] == "ours"
+            ],
+        )
     return "\n".join(lines)
+
+
+def _each(phase: dict[str, Any], key: str, spec: str) -> str:
+    """``total (shard + shard + ...)`` of a per-shard figure (``total`` alone for one Redis)."""
+    each = phase.get(f"{key}_each") or []
+    total = phase.get(key) if key != "redis_calls_per_message" else phase.get(f"{key}_total")
+    if total is None:
+        return "—"
+    text = _f(total, spec)
+    return text + (" (" + " + ".join(_f(v, spec) for v in each) + ")" if len(each) > 1 else "")
 
 
 # (label, phase, key, format)
@@ -939,8 +1164,11 @@ SUMMARY = [
 ]
 
 
-def summary(rows: list[dict[str, Any]], peers: list[str]) -> list[list[str]]:
-    """Medians per system over the runs of ``rows``, and ours / each peer's."""
+def summary(
+    rows: list[dict[str, Any]], peers: list[str], base: str = "ours", redis_ratios: bool = False
+) -> list[list[str]]:
+    """Medians per system (``_name``) over the runs of ``rows``, and ``base`` / each peer's
+    (Redis-only figures get a ratio with ``redis_ratios``: when both sides use Redis alike)."""
 
     def value(row: dict[str, Any], key: str) -> float | None:
         if key == "+redis":  # what the deployment spends: the servers and the Redis
@@ -951,26 +1179,26 @@ def summary(rows: list[dict[str, Any]], peers: list[str]) -> list[list[str]]:
 
     def median(system: str, phase: str, key: str) -> float | None:
         values = [
-            v for r in rows if r["server"] == system and phase in r for v in [value(r[phase], key)]
+            v for r in rows if _name(r) == system and phase in r for v in [value(r[phase], key)]
         ]
         known = [v for v in values if v is not None]
         return statistics.median(known) if known else None
 
     out = []
     for label, phase, key, spec in SUMMARY:
-        ours = median("ours", phase, key)
+        ours = median(base, phase, key)
         row = [label, _f(ours, spec)]
         for peer in peers:
             theirs = median(peer, phase, key)
             # the peers' Redis figures are near zero (within a tick): no ratio for those
-            plain = "Redis CPU" not in label and "Redis commands" not in label
+            plain = redis_ratios or ("Redis CPU" not in label and "Redis commands" not in label)
             rt = ours / theirs if ours is not None and theirs and (plain or "+" in label) else None
             row += [_f(theirs, spec), _f(rt, ".2f") + ("x" if rt else "")]
         out.append(row)
     for label, key in (("lost deliveries", "lost"), ("out-of-order deliveries", "out_of_order")):
-        row = [f"{label} (all runs)", f"{sum(r[key] for r in rows if r['server'] == 'ours'):,}"]
+        row = [f"{label} (all runs)", f"{sum(r[key] for r in rows if _name(r) == base):,}"]
         for peer in peers:
-            row += [f"{sum(r[key] for r in rows if r['server'] == peer):,}", ""]
+            row += [f"{sum(r[key] for r in rows if _name(r) == peer):,}", ""]
         out.append(row)
     return out
 
