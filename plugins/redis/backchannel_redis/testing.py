@@ -409,8 +409,12 @@ class RedisCluster:
 
     def masters(self) -> list[int]:
         """Ports of the masters that serve slots now, ordered by their first slot."""
-        found = [n for n in self.nodes() if "master" in n["flags"] and "fail" not in n["flags"]]
-        return [n["port"] for n in sorted(found, key=lambda n: n["slots"][0][0]) if n["slots"]]
+        found = [
+            n
+            for n in self.nodes()
+            if "master" in n["flags"] and "fail" not in n["flags"] and n["slots"]
+        ]
+        return [n["port"] for n in sorted(found, key=lambda n: n["slots"][0][0])]
 
     def replica_of(self, master_port: int) -> list[int]:
         nodes = self.nodes()
