@@ -125,6 +125,16 @@ async def redis_broker(**options: Any) -> AsyncIterator[RedisBroker]:
 BOUND = 15.0
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports nothing listens on right now (held open until all are
+    picked, so the OS cannot hand out one twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:
@@ -296,9 +306,10 @@ class RedisCluster:
         self.cli = shutil.which("redis-cli") or str(Path(binary).with_name("redis-cli"))
         self.workdir = workdir
         self.node_timeout_ms = node_timeout_ms
-        self.ports = [free_port() for _ in range(6)]
+        ports = free_ports(12)  # distinct: one by one, the OS may hand out a port twice
+        self.ports = ports[:6]
         #: the cluster bus ports (by default port + 10000, which may be taken or > 65535)
-        self.bus_ports = {port: free_port() for port in self.ports}
+        self.bus_ports = dict(zip(self.ports, ports[6:], strict=True))
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -352,9 +363,22 @@ class RedisCluster:
             time.sleep(0.02)
 
     def start(self) -> None:
-        """Start the six nodes, make them one cluster, wait until it is ok everywhere."""
-        for port in self.ports:
-            self._spawn(port)
+        """Start the six nodes, make them one cluster, wait until it is ok everywhere.
+        A node that cannot start (its free port was taken meanwhile, e.g. as another
+        connection's source port) is started again on other ports, at most twice."""
+        for k in range(len(self.ports)):
+            for attempt in range(3):
+                try:
+                    self._spawn(self.ports[k])
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    failed = self.processes.pop(self.ports[k])
+                    failed.kill()
+                    failed.wait(BOUND)
+                    port, bus = free_ports(2)
+                    self.ports[k], self.bus_ports[port] = port, bus
         subprocess.run(
             [self.cli, "--cluster", "create"]
             + [f"127.0.0.1:{port}" for port in self.ports]
