@@ -200,6 +200,45 @@ def redis_call(port: int, *args: str | int | bytes, timeout: float = 5.0) -> Any
 # ----------------------------------------------------------- redis-server
 
 
+def spawn_redis(
+    binary: str, port: int, workdir: Path, log_path: Path, *options: str
+) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` on ``port`` (loopback, no persistence, ``options`` added), its
+    output appended to ``log_path``; returns once it answers PING (RuntimeError if it
+    exits or does not answer within :data:`BOUND`: e.g. its port was taken)."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(workdir),
+                *options,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + BOUND
+    while True:
+        with contextlib.suppress(OSError, RuntimeError):
+            if redis_call(port, "PING", timeout=1.0) == "PONG":
+                return process
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait(BOUND)
+            raise RuntimeError(f"redis-server did not start on port {port} (log: {log_path})")
+        time.sleep(0.02)
+
+
 class RedisServer:
     """A private ``redis-server`` (no persistence) that tests may stop, restart, pause."""
 
@@ -217,37 +256,9 @@ class RedisServer:
     def start(self) -> None:
         """Start (again, on the same port) and wait until it answers PING."""
         self.starts += 1
-        log = (self.workdir / f"redis-{self.starts}.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        self.process = spawn_redis(
+            self.binary, self.port, self.workdir, self.workdir / f"redis-{self.starts}.log"
         )
-        log.close()
-        deadline = time.monotonic() + BOUND
-        while True:
-            try:
-                if redis_call(self.port, "PING", timeout=1.0) == "PONG":
-                    return
-            except (OSError, RuntimeError):
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
 
     def shutdown(self) -> None:
         """``SHUTDOWN NOSAVE``: Redis exits and forgets everything."""
@@ -318,49 +329,26 @@ class RedisCluster:
         return f"redis://127.0.0.1:{self.ports[0]}"
 
     def _spawn(self, port: int) -> None:
-        log = (self.workdir / f"redis-{port}.log").open("ab")
-        self.processes[port] = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(self.workdir / f"nodes-{port}.conf"),
-                "--cluster-port",
-                str(self.bus_ports[port]),
-                "--cluster-node-timeout",
-                str(self.node_timeout_ms),
-                # a replica always stands for election (by default it refuses when
-                # its master link was down "too long", e.g. during its first sync)
-                "--cluster-replica-validity-factor",
-                "0",
-                "--repl-diskless-sync-delay",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        self.processes[port] = spawn_redis(
+            self.binary,
+            port,
+            self.workdir,
+            self.workdir / f"redis-{port}.log",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self.workdir / f"nodes-{port}.conf"),
+            "--cluster-port",
+            str(self.bus_ports[port]),
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            # a replica always stands for election (by default it refuses when its
+            # master link was down "too long", e.g. during its first sync)
+            "--cluster-replica-validity-factor",
+            "0",
+            "--repl-diskless-sync-delay",
+            "0",
         )
-        log.close()
-        deadline = time.monotonic() + BOUND
-        while True:
-            with contextlib.suppress(OSError, RuntimeError):
-                if redis_call(port, "PING", timeout=1.0) == "PONG":
-                    return
-            if self.processes[port].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cluster node did not start on port {port}")
-            time.sleep(0.02)
 
     def start(self) -> None:
         """Start the six nodes, make them one cluster, wait until it is ok everywhere.
@@ -374,9 +362,6 @@ class RedisCluster:
                 except RuntimeError:
                     if attempt == 2:
                         raise
-                    failed = self.processes.pop(self.ports[k])
-                    failed.kill()
-                    failed.wait(BOUND)
                     port, bus = free_ports(2)
                     self.ports[k], self.bus_ports[port] = port, bus
         subprocess.run(

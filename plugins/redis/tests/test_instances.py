@@ -717,21 +717,7 @@ async def test_redis_restarted_empty_no_hang_no_silent_gap(
             problems.append(f"errors other than overloaded: {refused}")
         if not refused:
             problems.append("no request met the outage: the test did not test it")
-        for member in crowd:
-            problems += [f"{member.name}: {failure}" for failure in member.failures]
-            for room in ROOMS:
-                if silent := silent_problems(member.seen[room]):
-                    problems.append(f"{member.name} {room}: unannounced {silent}")
-                new = [m["offset"] for m in member.messages(room) if m["epoch"] == epochs[room]]
-                if new != list(range(1, final[room] + 1)):  # instances replay the new epoch
-                    problems.append(f"{member.name} {room}: new epoch seen as {new}")
-            for _, reply in member.accepted:  # accepted in the new epoch: seen by everyone
-                if reply["epoch"] == epochs[reply["room"]]:
-                    problems += [
-                        f"{other.name} never saw accepted {reply}"
-                        for other in crowd
-                        if reply not in other.messages(reply["room"])
-                    ]
+        problems += view_after_problems(crowd, epochs, final, set(ROOMS))
         told = sum(1 for m in crowd for g in m.gaps() if g.reason == "epoch_changed")
         latency = max(t for m in crowd for t in m.latencies)
         print(
@@ -744,6 +730,36 @@ async def test_redis_restarted_empty_no_hang_no_silent_gap(
             f" {latency:.2f}s; new epoch {final}; problems {len(problems)}"
         )
         assert not problems, report(problems)
+
+
+def view_after_problems(
+    crowd: list[Member], epochs: dict[str, str], final: dict[str, int], renewed: set[str]
+) -> list[str]:
+    """What is wrong with the members' views after a fault, each room in its final epoch
+    (``epochs``) ending at offset ``final``: a subscription that ended, a hole, repeat or
+    epoch change no gap announced, a ``renewed`` room (a new epoch) not seen whole from
+    offset 1, another room's view not ending with its whole history, a message accepted
+    in the final epoch that some member never saw."""
+    problems: list[str] = []
+    for member in crowd:
+        problems += [f"{member.name}: {failure}" for failure in member.failures]
+        for room in member.rooms:
+            if silent := silent_problems(member.seen[room]):
+                problems.append(f"{member.name} {room}: unannounced {silent}")
+            now = [m["offset"] for m in member.messages(room) if m["epoch"] == epochs[room]]
+            whole = list(range(1, final[room] + 1))
+            if room in renewed and now != whole:  # instances replay the new epoch
+                problems.append(f"{member.name} {room}: new epoch seen as {now}")
+            elif room not in renewed and now[-final[room] :] != whole:
+                problems.append(f"{member.name} {room}: history seen as {runs(now)}")
+        for _, reply in member.accepted:
+            if reply["epoch"] == epochs[reply["room"]]:
+                problems += [
+                    f"{other.name} never saw accepted {reply}"
+                    for other in crowd
+                    if reply not in other.messages(reply["room"])
+                ]
+    return problems
 
 
 def _unseen_old(crowd: list[Member], new_epochs: dict[str, str]) -> int:
@@ -1036,24 +1052,7 @@ async def test_a_cluster_master_killed_mid_chat_no_silent_miss(
         refused = Counter(code for m in crowd for _, _, code in m.refused)
         if set(refused) - {"overloaded"}:
             problems.append(f"errors other than overloaded: {refused}")
-        for member in crowd:
-            problems += [f"{member.name}: {failure}" for failure in member.failures]
-            for room in FAILOVER_ROOMS:
-                if silent := silent_problems(member.seen[room]):
-                    problems.append(f"{member.name} {room}: unannounced {silent}")
-                now = [m["offset"] for m in member.messages(room) if m["epoch"] == epochs[room]]
-                if room in failed_rooms:  # the new epoch, from its first offset
-                    if now != list(range(1, final[room] + 1)):
-                        problems.append(f"{member.name} {room}: new epoch seen as {now}")
-                elif now[-final[room] :] != list(range(1, final[room] + 1)):
-                    problems.append(f"{member.name} {room}: history seen as {runs(now)}")
-            for _, reply in member.accepted:  # accepted in the final epoch: seen by all
-                if reply["epoch"] == epochs[reply["room"]]:
-                    problems += [
-                        f"{other.name} never saw accepted {reply}"
-                        for other in crowd
-                        if reply not in other.messages(reply["room"])
-                    ]
+        problems += view_after_problems(crowd, epochs, final, failed_rooms)
         told = sum(1 for m in crowd for g in m.gaps() if g.reason == "epoch_changed")
         latency = max(t for m in crowd for t in m.latencies)
         print(
