@@ -61,7 +61,14 @@ import orjson
 from idle import raise_nofile, rss_kib
 from loadgen import SUBPROTOCOL, cpu_us, join_all, percentile, process_tree, run_fast
 from run import Server
-from scaleout import OURS_PLUGINS, REDIS_SERVER, _wait_ready, redis_info
+from scaleout import (
+    OURS_PLUGINS,
+    REDIS_SERVER,
+    _wait_ready,
+    redis_calls,
+    redis_cpu_us,
+    redis_info,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -252,22 +259,6 @@ def _generator(proc: int, clients: list[tuple[str, str, int]], pipe: Connection)
 
 # ---------------------------------------------------------------------------------------------
 # Meters
-
-
-def redis_cpu_us(url: str) -> float:
-    """Redis's own CPU time so far (``INFO cpu``: used_cpu_sys + used_cpu_user), in µs."""
-    cpu = redis_info(url, "cpu")
-    return 1e6 * (float(cpu["used_cpu_sys"][""]) + float(cpu["used_cpu_user"][""]))
-
-
-def redis_calls(url: str) -> dict[str, int]:
-    """Calls so far of each command (``INFO commandstats``; INFO, our own probe, left out)."""
-    stats = redis_info(url, "commandstats")
-    return {
-        k.removeprefix("cmdstat_"): int(v["calls"])
-        for k, v in stats.items()
-        if k.startswith("cmdstat_") and k != "cmdstat_info"
-    }
 
 
 def redis_memory(url: str) -> int:

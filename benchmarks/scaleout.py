@@ -75,7 +75,16 @@ from loadgen import SUBPROTOCOL, cpu_us, join_all, percentile, process_tree, run
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-__all__ = ["SYSTEMS", "Scaleout", "fmt_tables", "redis_info", "run_phase", "run_scaleout"]
+__all__ = [
+    "SYSTEMS",
+    "Scaleout",
+    "fmt_tables",
+    "redis_calls",
+    "redis_cpu_us",
+    "redis_info",
+    "run_phase",
+    "run_scaleout",
+]
 
 SYSTEMS = ("ours", "socketio", "wsredis")
 #: systems spoken to in backchannel.v1 (init, join, text with a room)
@@ -148,13 +157,13 @@ def redis_info(url: str, section: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def _cpu_us(url: str) -> float:
+def redis_cpu_us(url: str) -> float:
     """The Redis's own CPU so far (``INFO cpu``: used_cpu_sys + used_cpu_user), in µs."""
     cpu = redis_info(url, "cpu")
     return (float(cpu["used_cpu_sys"][""]) + float(cpu["used_cpu_user"][""])) * 1e6
 
 
-def _calls(url: str) -> dict[str, int]:
+def redis_calls(url: str) -> dict[str, int]:
     """Calls so far of each command (``cmdstat_`` dropped; INFO, our own probe, left out)."""
     stats = redis_info(url, "commandstats")
     return {
@@ -495,10 +504,10 @@ class Meter:
     def read(self) -> dict[str, Any]:
         sc = self.sc
         if sc.redis_shards:
-            each = [_cpu_us(url) for url in sc.redis_shards]
+            each = [redis_cpu_us(url) for url in sc.redis_shards]
         else:
             each = [cpu_us([sc.redis_pid])] if sc.redis_pid else []
-        calls_each = [_calls(url) for url in self.redis_urls]
+        calls_each = [redis_calls(url) for url in self.redis_urls]
         calls: dict[str, int] = {}
         for shard in calls_each:
             for k, v in shard.items():
@@ -509,7 +518,7 @@ class Meter:
             "receivers": cpu_us(self.gen_pids),
             "redis": sum(each) if each else None,
             "redis_each": each,
-            "replicas": sum(_cpu_us(url) for url in sc.redis_replicas)
+            "replicas": sum(redis_cpu_us(url) for url in sc.redis_replicas)
             if sc.redis_replicas
             else None,
             # the one Redis's CPU from /proc too, to compare with INFO cpu's
