@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,6 +195,24 @@ async def serve_process(
 
 
 # ----------------------------------- `backchannel serve --config backchannel.production.toml`
+
+
+def node_with(package: str) -> str:
+    """The node executable, with ``package`` installed in clients/js (``npm ci``); skips
+    the test without them, fails it in CI (.ci/run installs both)."""
+    node = shutil.which("node")
+    why = None
+    if node is None:
+        why = "node is missing"
+    elif not (ROOT / "clients" / "js" / "node_modules" / package).is_dir():
+        why = f"{package} is missing: run npm ci in clients/js"
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must install it (.ci/run does)")
+        pytest.skip(f"{why}; CI runs this test")
+    assert node is not None
+    return node
+
 
 PRODUCTION = ROOT / "backchannel.production.toml"
 ORIGIN = "https://chat.example.com"  # the one origin the file lists

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -28,7 +27,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 
 from backchannel.client import Client, ConnectError, HandshakeRefused, connect
-from conftest import ROOT, serve_process
+from conftest import ROOT, node_with, serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -101,24 +100,8 @@ async def lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[dict[str, 
             yield json.loads(line)
 
 
-def node_with_ws() -> str:
-    """The node executable, with ws installed in clients/js; skip (fail in CI) without."""
-    node = shutil.which("node")
-    why = None
-    if node is None:
-        why = "node is missing"
-    elif not (ROOT / "clients" / "js" / "node_modules" / "ws").is_dir():
-        why = "the ws package is missing: run npm ci in clients/js"
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; CI must install it (.ci/run does)")
-        pytest.skip(f"{why}; CI runs this test")
-    assert node is not None
-    return node
-
-
 async def test_js_client_on_node_with_ws_passes_the_origin_allow_list(anyio_backend: str) -> None:
-    node = node_with_ws()
+    node = node_with("ws")
     async with production(anyio_backend) as (url, env):
         alice = token_for(env, "alice", "rooms:*")
         js_env = env | {"BACKCHANNEL_TOKEN": alice}

@@ -11,34 +11,16 @@ clients/js: skips locally without them, fails in CI, where ``.ci/run`` installs 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from test_asyncapi import weather_app
 
 from backchannel.asyncapi import document, dumps, registered_types
-from conftest import ROOT
+from conftest import ROOT, node_with
 
 JS = ROOT / "clients" / "js"
-
-
-def node_tools() -> str:
-    """The node executable, with clients/js's devDependencies; skip (fail in CI) without."""
-    node = shutil.which("node")
-    why = None
-    if node is None:
-        why = "node is missing"
-    elif not (JS / "node_modules" / "json-schema-to-typescript").is_dir():
-        why = "json-schema-to-typescript is missing: run npm ci in clients/js"
-    if why is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}; CI must install it (.ci/run does)")
-        pytest.skip(f"{why}; CI runs this test")
-    assert node is not None
-    return node
 
 
 def generate(node: str, source: Path) -> str:
@@ -56,7 +38,7 @@ def generate(node: str, source: Path) -> str:
 
 def test_committed_declarations_are_generated_from_the_committed_document() -> None:
     """contracts.d.ts == the generator's output for docs/asyncapi.json."""
-    generated = generate(node_tools(), ROOT / "docs" / "asyncapi.json")
+    generated = generate(node_with("json-schema-to-typescript"), ROOT / "docs" / "asyncapi.json")
     assert generated == (JS / "contracts.d.ts").read_text(), (
         "clients/js/contracts.d.ts is stale: run  cd clients/js && npm run generate"
     )
@@ -89,7 +71,7 @@ export async function use(url: string): Promise<void> {
 def test_a_third_party_plugin_gets_typed_declarations(tmp_path: Path) -> None:
     """The document of a server with a third-party plugin, through the generator, with
     backchannel.d.ts: its stream's chunks and its reply are typed, misuse does not compile."""
-    node = node_tools()
+    node = node_with("json-schema-to-typescript")
     app = weather_app()
     doc = document(registered_types(app), host="localhost:8765", path="/ws", version="0.1.0")
     source = tmp_path / "asyncapi.json"
