@@ -202,24 +202,16 @@ async def test_client_that_stops_reading_is_closed_1013_as_slow_consumer(
         assert (await other.request("ping", {}))["type"] == "pong"
 
 
-async def test_send_queue_past_send_queue_size_closes_1013_at_once(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The send queue is bounded: frames piling up past ``send_queue_size`` for a client that
-    does not read close it with 1013 without waiting for ``slow_consumer_timeout``."""
-    app = make_app(
-        {
-            "connection": {"slow_consumer_timeout": 60, "send_queue_size": 50},
-            "heartbeat": {"interval": 60, "timeout": 2},
-        }
-    )
-    blob = "x" * 32768
+async def flood_a_client_that_does_not_read(app: App, blob: str, most: int) -> int:
+    """A handler sends ``blob`` frames (at most ``most``) to a raw client that never reads,
+    until the server closes it; asserts the close (1013, counted ``slow_consumer``) and that
+    another client is still served. How many frames were sent."""
     sent = 0
 
     @app.handler("flood")
     async def flood(message: Any, connection: Any) -> None:
         nonlocal sent
-        while connection.close_code is None and sent < 5000:
+        while connection.close_code is None and sent < most:
             connection.send("text", {"text": blob})
             sent += 1
             await anyio.sleep(0)  # let the driver write, as a streaming handler would
@@ -231,10 +223,25 @@ async def test_send_queue_past_send_queue_size_closes_1013_at_once(
             await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1)
             with anyio.fail_after(5):
                 assert await raw.close_code() == 1013
-        assert sent < 5000  # stopped long before the end: the queue did not grow unbounded
-        await wait_until(lambda: app.counters.closes.get(1013) == 1)
-        assert logged(caplog, "slow consumer: send queue full")
         assert (await other.request("ping", {}))["type"] == "pong"
+    return sent
+
+
+async def test_send_queue_past_send_queue_size_closes_1013_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The send queue is bounded: frames piling up past ``send_queue_size`` for a client that
+    does not read close it with 1013 without waiting for ``slow_consumer_timeout``."""
+    app = make_app(
+        {
+            "connection": {"slow_consumer_timeout": 60, "send_queue_size": 50},
+            "heartbeat": {"interval": 60, "timeout": 2},
+        }
+    )
+    sent = await flood_a_client_that_does_not_read(app, "x" * 32768, 5000)
+    assert sent < 5000  # stopped long before the end: the queue did not grow unbounded
+    await wait_until(lambda: app.counters.closes.get(1013) == 1)
+    assert logged(caplog, "slow consumer: send queue full")
 
 
 async def test_send_queue_past_send_queue_bytes_closes_1013_at_once() -> None:
@@ -246,26 +253,8 @@ async def test_send_queue_past_send_queue_bytes_closes_1013_at_once() -> None:
             "heartbeat": {"interval": 60, "timeout": 2},
         }
     )
-    blob = "x" * 60_000
-    sent = 0
-
-    @app.handler("flood")
-    async def flood(message: Any, connection: Any) -> None:
-        nonlocal sent
-        while connection.close_code is None and sent < 1000:
-            connection.send("text", {"text": blob})
-            sent += 1
-            await anyio.sleep(0)
-
-    async with serving(app), ws_connect(_port(app)) as other:
-        async with raw_connect(_port(app)) as raw:
-            assert await raw.handshake() == 101
-            await raw.send("flood")
-            await wait_until(lambda: app.counters.errors.get("slow_consumer") == 1)
-            with anyio.fail_after(5):
-                assert await raw.close_code() == 1013
-        assert sent < 100  # far below send_queue_size (1,024 frames): the bytes decided
-        assert (await other.request("ping", {}))["type"] == "pong"
+    sent = await flood_a_client_that_does_not_read(app, "x" * 60_000, 1000)
+    assert sent < 100  # far below send_queue_size (1,024 frames): the bytes decided
 
 
 async def test_client_that_keeps_reading_is_never_a_slow_consumer() -> None:
