@@ -143,22 +143,15 @@ class Inbox:
         # Nothing ahead of it: handle it right here, no task switch; a sync handler answers
         # now, an async one's rest goes to the front of the queue for the connection's task.
         answered = conn.session.log.recall(message.id)
-        if answered is None:
-            rest = pipeline.start(conn, message)
-            if rest is None:  # answered
-                del pending[message.id]
-            else:
-                self._queue.appendleft(_Continue(self._job(message), rest))
-                self._signal.set()
-        elif isinstance(answered, tuple):
-            del pending[message.id]  # the answer is the original's: nothing to remember
-            started = self._replay(message, answered)
-            if started is not None:  # a validate hook to await first
-                self._queue.appendleft(_Continue(*started))
-                self._signal.set()
-        else:  # a networked broker's recall needs waiting: the connection's task does it
+        if answered is not None and not isinstance(answered, tuple):
+            # a networked broker's recall needs waiting: the connection's task does it
             answered.close()  # type: ignore[attr-defined]
             self._queue.append(message)
+            self._signal.set()
+            return
+        started = self._start(message, answered)
+        if started is not None:  # something to await: first in line for the task
+            self._queue.appendleft(_Continue(*started))
             self._signal.set()
 
     def _wait(self, payload: str | bytes) -> None:
